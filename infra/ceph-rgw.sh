@@ -86,8 +86,8 @@ write_conf() {
 [global]
 fsid = $FSID
 mon_host = v1:127.0.0.1:$MON_PORT
-public_addr = 127.0.0.1
-public_bind_addr = 127.0.0.1
+public_network = 127.0.0.1/32
+cluster_network = 127.0.0.1/32
 ms_bind_msgr2 = false
 ms_bind_ipv6 = false
 auth_cluster_required = none
@@ -110,8 +110,14 @@ err_to_stderr = true
 mon_cluster_log_file = $DIR/log/cluster.log
 keyring = $DIR/keyring
 
+mon_data_avail_warn = 1
+mon_data_avail_crit = 0
+
 [mon]
 mon_data = $DIR/mon/\$name
+
+[mon.a]
+public_addr = v1:127.0.0.1:$MON_PORT
 
 [osd]
 osd_data = $DIR/osd/\$name

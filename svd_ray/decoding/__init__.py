@@ -1,0 +1,23 @@
+"""Decoding: dual forward passes, steered generation, multiple-choice scoring."""
+from svd_ray.decoding.config import GenerationConfig, SteeringConfig
+from svd_ray.decoding.dual import DualModel, DualState
+from svd_ray.decoding.generate import GenerationResult, encode_prompts, generate, generate_text, iter_generate
+from svd_ray.decoding.hf_processor import SVDecodeLogitsProcessor
+from svd_ray.decoding.scoring import ChoiceScores, encode_choices, score_choice_ids, score_choices
+
+__all__ = [
+    "GenerationConfig",
+    "SteeringConfig",
+    "DualModel",
+    "DualState",
+    "GenerationResult",
+    "encode_prompts",
+    "generate",
+    "generate_text",
+    "iter_generate",
+    "SVDecodeLogitsProcessor",
+    "ChoiceScores",
+    "encode_choices",
+    "score_choice_ids",
+    "score_choices",
+]

@@ -1,0 +1,162 @@
+"""Multiple-choice scoring by teacher forcing under the steered distribution.
+
+For a prompt x and a choice c = (c_1..c_m):   ll(c) = Σ_j log p̂(c_j | x, c_<j),
+with δ recomputed from z_φ and z_θ at every answer position. The prompt is encoded once per
+branch and its KV cache is shared by all choices (expanded, not recomputed).
+
+A choice token outside the plausibility mask (policy ``outside_mask``):
+  "unmasked" (default)  log p̂ = log_softmax(z_φ + μ·(δ ⊙ m)) over the full vocabulary: the mask
+                        decides where steering acts, but no token is removed. This is exactly the
+                        objective μ̄ was calibrated on (μ* uses δ ⊙ m and the full-vocabulary
+                        p_φ), and it never yields −inf. With μ = 0 it equals the adapter's score.
+  "floor"               the decoding distribution (renormalised over the mask); a token outside
+                        it scores ``floor_logprob`` (default log 1e-10 ≈ −23.03) instead of −inf,
+                        so choices stay comparable and the number of such tokens is reported.
+Every result also carries the unsteered adapter score (log p_φ) and the base score (log p_θ,
+when the base pass ran), which come for free from the same forward passes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from svd_ray.decoding.config import OUTSIDE_MASK_POLICIES, SteeringConfig
+from svd_ray.decoding.dual import DualModel
+from svd_ray.steering import masked_steering_vector, plausibility_mask
+
+DEFAULT_FLOOR_LOGPROB = math.log(1e-10)
+
+
+@dataclass
+class ChoiceScores:
+    steered: list[float]
+    adapter: list[float]
+    base: list[float] | None
+    num_tokens: list[int]
+    outside_mask_tokens: list[int]
+    token_logprobs: list[list[float]] = field(default_factory=list, repr=False)
+
+    def normalised(self, which: str = "steered") -> list[float]:
+        """Softmax over choices of the summed log-likelihoods (probabilities that sum to 1)."""
+        lls = torch.tensor(getattr(self, which), dtype=torch.float64)
+        return torch.softmax(lls, 0).tolist()
+
+
+def steered_token_logprobs(
+    z_phi: torch.Tensor,
+    z_theta: torch.Tensor | None,
+    targets: torch.Tensor,
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p̂(target) at each position (..., V) → (...), and a bool tensor 'target outside mask'."""
+    if outside_mask not in OUTSIDE_MASK_POLICIES:
+        raise ValueError(f"outside_mask must be one of {OUTSIDE_MASK_POLICIES}, got {outside_mask!r}")
+    z = z_phi.float()
+    if steering.mode == "off":
+        logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+        return logp, torch.zeros_like(targets, dtype=torch.bool)
+    mask = plausibility_mask(z, steering.alpha)
+    if steering.mode == "static":
+        delta = steering.mean_delta.to(z.device).float() * mask
+    else:
+        delta = masked_steering_vector(z, z_theta, steering.alpha)
+    steered = z + steering.mu * delta
+    outside = ~mask.gather(-1, targets[..., None]).squeeze(-1)
+    if outside_mask == "floor":
+        steered = steered.masked_fill(~mask, float("-inf"))
+    logp = torch.log_softmax(steered, -1).gather(-1, targets[..., None]).squeeze(-1)
+    if outside_mask == "floor":
+        logp = torch.where(outside, torch.full_like(logp, floor_logprob), logp)
+    return logp, outside
+
+
+def encode_choices(tokenizer, prompt: str, choices: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the prompt and of each choice as it continues the prompt.
+
+    Each choice is tokenised jointly with the prompt (prompt + choice) and split where the
+    prompt's tokens end, so merges across the boundary follow the tokenizer; if the joint
+    encoding does not start with the prompt's tokens, the choice is encoded on its own.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    out = []
+    for choice in choices:
+        joint = tokenizer(prompt + choice, add_special_tokens=True)["input_ids"]
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            out.append(joint[len(prompt_ids) :])
+        else:
+            out.append(tokenizer(choice, add_special_tokens=False)["input_ids"])
+        if not out[-1]:
+            raise ValueError(f"choice {choice!r} encodes to no tokens")
+    return prompt_ids, out
+
+
+@torch.no_grad()
+def score_choice_ids(
+    dual: DualModel,
+    prompt_ids: list[int],
+    choice_ids: list[list[int]],
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+    with_base: bool = True,
+) -> ChoiceScores:
+    """Teacher-forced log-likelihood of each choice after the prompt (token-id level)."""
+    if not prompt_ids:
+        raise ValueError("prompt must encode to at least one token")
+    device = dual.device
+    need_base = with_base or steering.needs_base
+    ids = torch.tensor([prompt_ids], device=device)
+    z_phi0, z_theta0, state = dual.prefill(ids, with_base=need_base, last_only=True)
+    n = len(choice_ids)
+    longest = max(len(c) for c in choice_ids)
+    tokens = torch.zeros(n, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(n, longest, dtype=torch.bool, device=device)
+    for i, c in enumerate(choice_ids):
+        tokens[i, : len(c)] = torch.tensor(c, device=device)
+        valid[i, : len(c)] = True
+    # logits predicting choice token j: the prompt's last position for j = 0, else choice position j−1
+    z_phi = z_phi0[:, -1:].expand(n, -1, -1)
+    z_theta = None if z_theta0 is None else z_theta0[:, -1:].expand(n, -1, -1)
+    if longest > 1:
+        state = state.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+        zp, zt, _ = dual.extend(state, tokens[:, :-1], valid[:, :-1].long())
+        z_phi = torch.cat([z_phi, zp], dim=1)
+        z_theta = None if z_theta is None else torch.cat([z_theta, zt], dim=1)
+    steered_lp, outside = steered_token_logprobs(z_phi, z_theta, tokens, steering, outside_mask, floor_logprob)
+    adapter_lp = torch.log_softmax(z_phi.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    base_lp = None
+    if z_theta is not None:
+        base_lp = torch.log_softmax(z_theta.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    zero = torch.zeros((), device=device)
+
+    def total(lp):
+        return torch.where(valid, lp, zero).sum(-1).tolist()
+
+    return ChoiceScores(
+        steered=total(steered_lp),
+        adapter=total(adapter_lp),
+        base=None if base_lp is None else total(base_lp),
+        num_tokens=valid.sum(-1).tolist(),
+        outside_mask_tokens=(outside & valid).sum(-1).tolist(),
+        token_logprobs=[steered_lp[i, : len(c)].tolist() for i, c in enumerate(choice_ids)],
+    )
+
+
+def score_choices(
+    dual: DualModel,
+    tokenizer,
+    prompt: str,
+    choices: list[str],
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+) -> ChoiceScores:
+    """Text-level multiple-choice scoring (see the module docstring for the mask policy)."""
+    if not choices:
+        raise ValueError("choices must not be empty")
+    prompt_ids, choice_ids = encode_choices(tokenizer, prompt, choices)
+    return score_choice_ids(dual, prompt_ids, choice_ids, steering, outside_mask, floor_logprob)

@@ -25,7 +25,8 @@ Two scoring styles produce ``MCItem``s:
   instruction, ``"Question: {q}\\nAnswer:"`` + ``" {option}"`` (BoolQ: ``"Question: {q}?\\nAnswer:"``
   + ``" yes"``/``" no"``; questions only, no passages). WinoGrande: prompt = the sentence up to the
   blank, choice = ``" {option}{rest of sentence}"`` (full-sentence scoring, not lm-eval's partial
-  scoring, which needs a different prompt per choice).
+  scoring, which needs a different prompt per choice). HellaSwag (hub only): prompt = the
+  "activity: context" text, choices ``" {ending}"``.
 
 Item ids: ``"{task}/{split}/{index in file:05d}"``.
 """
@@ -262,6 +263,8 @@ def _text_prompt_and_choices(rec: CommonsenseRecord) -> tuple[str, list[str]]:
         if not prompt:
             lead = ""
         return prompt, [f"{lead}{opt}{rest}" for opt in rec.options]
+    if rec.task == "hellaswag":  # lm-eval: context "activity: ctx", choices " {ending}"
+        return rec.question, [" " + o for o in rec.options]
     return f"Question: {rec.question}\nAnswer:", [" " + o for o in rec.options]
 
 

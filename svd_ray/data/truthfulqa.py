@@ -127,8 +127,8 @@ def _join(mc_rows: list[dict], gen_rows: list[dict]) -> tuple[TruthfulQAQuestion
             TruthfulQAQuestion(
                 id=question_id(q),
                 question=q,
-                mc1=tuple((str(t), int(l)) for t, l in m["mc1"]),
-                mc2=tuple((str(t), int(l)) for t, l in m["mc2"]),
+                mc1=tuple((str(t), int(lab)) for t, lab in m["mc1"]),
+                mc2=tuple((str(t), int(lab)) for t, lab in m["mc2"]),
                 best_answer=close_answer(g["best_answer"]),
                 correct_answers=tuple(split_answers(g["correct_answers"])),
                 incorrect_answers=tuple(split_answers(g["incorrect_answers"])),
@@ -244,7 +244,7 @@ def load_truthfulqa_mc(
                     id=q.id,
                     prompt=prompt,
                     choices=[" " + t for t, _ in targets],
-                    labels=[l for _, l in targets],
+                    labels=[lab for _, lab in targets],
                     source=name,
                 )
             )

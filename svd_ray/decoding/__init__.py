@@ -3,7 +3,15 @@ from svd_ray.decoding.config import GenerationConfig, SteeringConfig
 from svd_ray.decoding.dual import DualModel, DualState
 from svd_ray.decoding.generate import GenerationResult, encode_prompts, generate, generate_text, iter_generate
 from svd_ray.decoding.hf_processor import SVDecodeLogitsProcessor
-from svd_ray.decoding.scoring import ChoiceScores, encode_choices, score_choice_ids, score_choices
+from svd_ray.decoding.scoring import (
+    ChoiceLogits,
+    ChoiceScores,
+    choice_logits,
+    encode_choices,
+    score_choice_ids,
+    score_choices,
+    scores_from_logits,
+)
 
 __all__ = [
     "GenerationConfig",
@@ -16,7 +24,10 @@ __all__ = [
     "generate_text",
     "iter_generate",
     "SVDecodeLogitsProcessor",
+    "ChoiceLogits",
     "ChoiceScores",
+    "choice_logits",
+    "scores_from_logits",
     "encode_choices",
     "score_choice_ids",
     "score_choices",

@@ -94,23 +94,26 @@ def encode_choices(tokenizer, prompt: str, choices: list[str]) -> tuple[list[int
     return prompt_ids, out
 
 
+@dataclass
+class ChoiceLogits:
+    """Teacher-forced logits of every choice position: z[i, j] predicts choice i's token j."""
+
+    z_phi: torch.Tensor  # (C, L, V)
+    z_theta: torch.Tensor | None  # (C, L, V)
+    tokens: torch.Tensor  # (C, L) right-padded
+    valid: torch.Tensor  # (C, L) bool
+
+
 @torch.no_grad()
-def score_choice_ids(
-    dual: DualModel,
-    prompt_ids: list[int],
-    choice_ids: list[list[int]],
-    steering: SteeringConfig,
-    outside_mask: str = "unmasked",
-    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
-    with_base: bool = True,
-) -> ChoiceScores:
-    """Teacher-forced log-likelihood of each choice after the prompt (token-id level)."""
+def choice_logits(dual: DualModel, prompt_ids: list[int], choice_ids: list[list[int]], with_base: bool = True) -> ChoiceLogits:
+    """Encode the prompt once per branch, share its KV cache across all choices, teacher-force them."""
     if not prompt_ids:
         raise ValueError("prompt must encode to at least one token")
+    if not choice_ids or any(not c for c in choice_ids):
+        raise ValueError("every choice must have at least one token")
     device = dual.device
-    need_base = with_base or steering.needs_base
     ids = torch.tensor([prompt_ids], device=device)
-    z_phi0, z_theta0, state = dual.prefill(ids, with_base=need_base, last_only=True)
+    z_phi0, z_theta0, state = dual.prefill(ids, with_base=with_base, last_only=True)
     n = len(choice_ids)
     longest = max(len(c) for c in choice_ids)
     tokens = torch.zeros(n, longest, dtype=torch.long, device=device)
@@ -126,24 +129,49 @@ def score_choice_ids(
         zp, zt, _ = dual.extend(state, tokens[:, :-1], valid[:, :-1].long())
         z_phi = torch.cat([z_phi, zp], dim=1)
         z_theta = None if z_theta is None else torch.cat([z_theta, zt], dim=1)
-    steered_lp, outside = steered_token_logprobs(z_phi, z_theta, tokens, steering, outside_mask, floor_logprob)
-    adapter_lp = torch.log_softmax(z_phi.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    return ChoiceLogits(z_phi, z_theta, tokens, valid)
+
+
+def scores_from_logits(
+    cl: ChoiceLogits,
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+) -> ChoiceScores:
+    """Per-choice log-likelihoods for one steering setting (cheap: no forward pass)."""
+    steered_lp, outside = steered_token_logprobs(cl.z_phi, cl.z_theta, cl.tokens, steering, outside_mask, floor_logprob)
+    adapter_lp = torch.log_softmax(cl.z_phi.float(), -1).gather(-1, cl.tokens[..., None]).squeeze(-1)
     base_lp = None
-    if z_theta is not None:
-        base_lp = torch.log_softmax(z_theta.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    zero = torch.zeros((), device=device)
+    if cl.z_theta is not None:
+        base_lp = torch.log_softmax(cl.z_theta.float(), -1).gather(-1, cl.tokens[..., None]).squeeze(-1)
+    zero = torch.zeros((), device=cl.tokens.device)
 
     def total(lp):
-        return torch.where(valid, lp, zero).sum(-1).tolist()
+        return torch.where(cl.valid, lp, zero).sum(-1).tolist()
 
+    lengths = cl.valid.sum(-1).tolist()
     return ChoiceScores(
         steered=total(steered_lp),
         adapter=total(adapter_lp),
         base=None if base_lp is None else total(base_lp),
-        num_tokens=valid.sum(-1).tolist(),
-        outside_mask_tokens=(outside & valid).sum(-1).tolist(),
-        token_logprobs=[steered_lp[i, : len(c)].tolist() for i, c in enumerate(choice_ids)],
+        num_tokens=lengths,
+        outside_mask_tokens=(outside & cl.valid).sum(-1).tolist(),
+        token_logprobs=[steered_lp[i, :n].tolist() for i, n in enumerate(lengths)],
     )
+
+
+def score_choice_ids(
+    dual: DualModel,
+    prompt_ids: list[int],
+    choice_ids: list[list[int]],
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+    with_base: bool = True,
+) -> ChoiceScores:
+    """Teacher-forced log-likelihood of each choice after the prompt (token-id level)."""
+    cl = choice_logits(dual, prompt_ids, choice_ids, with_base=with_base or steering.needs_base)
+    return scores_from_logits(cl, steering, outside_mask, floor_logprob)
 
 
 def score_choices(

@@ -1,0 +1,136 @@
+"""Typed run configuration, loadable from YAML. One source of truth per setting.
+
+A run = warm-start a PEFT adapter on a task, calibrate μ̄, publish the task bundle.
+``svd-ray train CONFIG.yaml`` / ``jobs/warmstart.py`` / ``svd-ray demo`` all read this.
+Unknown keys are errors (typos must not silently fall back to defaults).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from svd_ray.models.peft_methods import PeftSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PeftConfig(_Strict):
+    method: Literal["lora", "ia3", "prompt_tuning", "p_tuning_v2"] = "lora"
+    r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    num_virtual_tokens: int = Field(20, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+    target_modules: list[str] | None = None
+
+    def settings(self) -> PeftSettings:
+        return PeftSettings(**self.model_dump())
+
+
+class DataConfig(_Strict):
+    """Which task and how it is split. ``task`` names a built-in task, a benchmark, or a JSONL file."""
+
+    task: str = "builtin:addition"
+    data_dir: str | None = None  # default: $SVD_RAY_DATA_DIR or ../shared/data next to the repo
+    seed: int = 0
+    train_size: int | None = Field(None, gt=0)  # cap on training examples (None = all of the split)
+    calibration_size: int = Field(64, gt=0)
+    eval_size: int | None = Field(None, gt=0)
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(1, gt=0)  # per worker
+    max_length: int = Field(512, gt=8)
+    loss_on: Literal["answer", "all"] = "answer"
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, gt=0)  # steps
+
+
+class CalibrationConfig(_Strict):
+    alpha: float = Field(0.1, ge=0.0, le=1.0)
+    estimator: Literal["mean", "median", "sequence", "trimmed_mean"] = "mean"
+    trim: float = Field(0.1, ge=0.0, lt=0.5)
+    batch_size: int = Field(4, gt=0)
+
+
+class ClusterConfig(_Strict):
+    """Ray Train + DeepSpeed settings."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_failures: int = Field(2, ge=-1)
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self):
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("cluster.precision fp16 needs use_gpu: DeepSpeed fp16 is not supported on CPU")
+        return self
+
+
+_RUN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class RunConfig(_Strict):
+    run_id: str = "demo"
+    task_name: str | None = None  # name in the store; default = run_id
+    model: str = "smollm2-135m"
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    store: str = Field(default_factory=lambda: default_store_uri())
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        if not _RUN_ID.match(v):
+            raise ValueError("run_id must match [a-z0-9][a-z0-9._-]{0,62}")
+        return v
+
+    @property
+    def task(self) -> str:
+        return self.task_name or self.run_id
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "RunConfig":
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def default_store_uri() -> str:
+    env = os.environ.get("SVD_RAY_STORE")
+    if env:
+        return env
+    return (Path.home() / ".local" / "share" / "svd-ray" / "store").as_uri()
+

@@ -1,0 +1,65 @@
+"""Score multiple-choice items under several steering variants from ONE pair of forward passes.
+
+The adapter-on and adapter-off logits of every choice position are computed once per item
+(``choice_logits``); each variant (PEFT baseline, SVDecode, ablations) is then a cheap
+function of those logits. This keeps ablation tables honest: every variant sees exactly the
+same model outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from svd_ray.data import MCItem
+from svd_ray.decoding import SteeringConfig, choice_logits, encode_choices, scores_from_logits
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one column of a results table scores choices."""
+
+    name: str
+    source: str  # "base" (adapter off) | "adapter" (plain φ) | "steered"
+    steering: SteeringConfig | None = None
+    outside_mask: str = "unmasked"
+
+
+def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None = None, estimates: dict | None = None):
+    """Base, PEFT, SVDecode (both mask policies) and the ablations the method doc asks for."""
+    out = [
+        Variant("base", "base"),
+        Variant("peft", "adapter"),
+        Variant("svdecode", "steered", SteeringConfig("svdecode", mu, alpha)),
+        Variant("svdecode_floor", "steered", SteeringConfig("svdecode", mu, alpha), "floor"),
+        Variant("mask_only", "steered", SteeringConfig("svdecode", 0.0, alpha), "floor"),
+        Variant("no_mask", "steered", SteeringConfig("svdecode", mu, 0.0)),
+    ]
+    if mean_delta is not None:
+        out.append(Variant("static", "steered", SteeringConfig("static", mu, alpha, mean_delta)))
+    for name, value in (estimates or {}).items():
+        out.append(Variant(f"svdecode_mu_{name}", "steered", SteeringConfig("svdecode", float(value), alpha)))
+    return out
+
+
+@torch.inference_mode()
+def score_items(dual, tokenizer, items: list[MCItem], variants: list[Variant], progress=None) -> list[dict]:
+    """For each item: {"id", "labels", "lengths", variant name → per-choice log-likelihoods}."""
+    rows = []
+    for n, item in enumerate(items):
+        prompt_ids, choice_ids = encode_choices(tokenizer, item.prompt, item.choices)
+        cl = choice_logits(dual, prompt_ids, choice_ids, with_base=True)
+        row = {"id": item.id, "labels": list(item.labels), "choices": list(item.choices)}
+        plain = scores_from_logits(cl, SteeringConfig(mode="off"))
+        row["base"], row["peft"] = plain.base, plain.adapter
+        row["num_tokens"] = plain.num_tokens
+        for v in variants:
+            if v.source != "steered":
+                continue
+            s = scores_from_logits(cl, v.steering, v.outside_mask)
+            row[v.name] = s.steered
+            row[f"{v.name}__outside_mask_tokens"] = s.outside_mask_tokens
+        rows.append(row)
+        if progress is not None:
+            progress(n + 1, len(items))
+    return rows

@@ -6,6 +6,7 @@ from svd_ray.decoding.hf_processor import SVDecodeLogitsProcessor
 from svd_ray.decoding.scoring import (
     ChoiceLogits,
     ChoiceScores,
+    SharedPrefix,
     choice_logits,
     encode_choices,
     score_choice_ids,
@@ -26,6 +27,7 @@ __all__ = [
     "SVDecodeLogitsProcessor",
     "ChoiceLogits",
     "ChoiceScores",
+    "SharedPrefix",
     "choice_logits",
     "scores_from_logits",
     "encode_choices",

@@ -17,6 +17,7 @@ when the base pass ran), which come for free from the same forward passes.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -104,16 +105,60 @@ class ChoiceLogits:
     valid: torch.Tensor  # (C, L) bool
 
 
+class SharedPrefix:
+    """A prompt prefix shared by many items (e.g. TruthfulQA's 6-shot primer), encoded once.
+
+    ``choice_logits`` reuses it for every prompt whose token ids start with ``ids``: the
+    prefix's KV caches are copied and only the rest of the prompt is encoded. Exact: the cached
+    keys/values are those a full prefill would compute, because attention is causal.
+    """
+
+    def __init__(self, dual: DualModel, ids: list[int], with_base: bool = True):
+        if not ids:
+            raise ValueError("shared prefix must have at least one token")
+        self.ids = list(ids)
+        self.with_base = with_base
+        tokens = torch.tensor([self.ids], device=dual.device)
+        self.z_phi, self.z_theta, self.state = dual.prefill(tokens, with_base=with_base, last_only=True)
+
+    def applies_to(self, prompt_ids: list[int], with_base: bool) -> bool:
+        n = len(self.ids)
+        return (self.with_base or not with_base) and len(prompt_ids) >= n and prompt_ids[:n] == self.ids
+
+    def encode(self, dual: DualModel, prompt_ids: list[int], with_base: bool):
+        """(z_φ last, z_θ last, state) for the full prompt, from a copy of the prefix caches."""
+        state = copy.deepcopy(self.state)
+        if not with_base:
+            state.base = None
+        rest = prompt_ids[len(self.ids) :]
+        if not rest:
+            return self.z_phi, (self.z_theta if with_base else None), state
+        tokens = torch.tensor([rest], device=dual.device)
+        return dual.extend(state, tokens, last_only=True)
+
+
 @torch.no_grad()
-def choice_logits(dual: DualModel, prompt_ids: list[int], choice_ids: list[list[int]], with_base: bool = True) -> ChoiceLogits:
-    """Encode the prompt once per branch, share its KV cache across all choices, teacher-force them."""
+def choice_logits(
+    dual: DualModel,
+    prompt_ids: list[int],
+    choice_ids: list[list[int]],
+    with_base: bool = True,
+    prefix: SharedPrefix | None = None,
+) -> ChoiceLogits:
+    """Encode the prompt once per branch, share its KV cache across all choices, teacher-force them.
+
+    With ``prefix`` (a ``SharedPrefix`` the prompt starts with) only the prompt's remainder is encoded.
+    """
     if not prompt_ids:
         raise ValueError("prompt must encode to at least one token")
     if not choice_ids or any(not c for c in choice_ids):
         raise ValueError("every choice must have at least one token")
     device = dual.device
-    ids = torch.tensor([prompt_ids], device=device)
-    z_phi0, z_theta0, state = dual.prefill(ids, with_base=with_base, last_only=True)
+    if prefix is not None and prefix.applies_to(prompt_ids, with_base):
+        z_phi0, z_theta0, state = prefix.encode(dual, prompt_ids, with_base)
+    else:
+        ids = torch.tensor([prompt_ids], device=device)
+        z_phi0, z_theta0, state = dual.prefill(ids, with_base=with_base, last_only=True)
     n = len(choice_ids)
     longest = max(len(c) for c in choice_ids)
     tokens = torch.zeros(n, longest, dtype=torch.long, device=device)

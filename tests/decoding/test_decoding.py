@@ -260,3 +260,20 @@ def test_hf_logits_processor_matches_own_decoder(method):
         pad_token_id=0,
     )
     assert out[:, -6:].tolist() == ours
+
+
+def test_shared_prefix_scoring_equals_full_prompt(peft_dual):
+    from svd_ray.decoding import SharedPrefix, choice_logits
+
+    primer = [11, 12, 13, 14, 15, 16]
+    prefix = SharedPrefix(peft_dual, primer)
+    for rest in ([20, 21], [], [33]):
+        prompt = primer + rest
+        choices = [[7, 8], [9]]
+        a = choice_logits(peft_dual, prompt, choices, prefix=prefix)
+        b = choice_logits(peft_dual, prompt, choices)
+        assert torch.allclose(a.z_phi, b.z_phi, atol=1e-5) and torch.allclose(a.z_theta, b.z_theta, atol=1e-5)
+    # a prompt that does not start with the prefix falls back to a full prefill
+    other = choice_logits(peft_dual, [1, 2, 3], [[4]], prefix=prefix)
+    ref = choice_logits(peft_dual, [1, 2, 3], [[4]])
+    assert torch.allclose(other.z_phi, ref.z_phi, atol=1e-6)

@@ -132,6 +132,10 @@ bluestore_cache_autotune = false
 bluestore_cache_size = 67108864
 osd_max_object_name_len = 460
 osd_max_object_namespace_len = 64
+# Ceph 16 races at OSD boot: its first crush/device-class command can carry a zero fsid ("wrong fsid") and
+# the OSD then fails to start. The script places the OSD in CRUSH itself instead.
+osd_crush_update_on_start = false
+osd_class_update_on_start = false
 
 [client.rgw.dev]
 rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
@@ -178,6 +182,7 @@ cmd_start() {
     [[ $osd_id == 0 ]] || die "unexpected osd id '$osd_id'"
     mkdir -p "$DIR/osd/osd.0"
     ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" >>"$DIR/log/mkfs.out" 2>&1 || die "osd mkfs failed (see $DIR/log)"
+    ceph_ osd crush add osd.0 1.0 root=default host=localhost >>"$DIR/log/mkfs.out" 2>&1 || die "crush add failed"
     printf 'FSID=%s\nMON_PORT=%s\nRGW_PORT=%s\n' "$FSID" "$MON_PORT" "$RGW_PORT" > "$DIR/ports.env"
   fi
   spawn osd ceph-osd -f -c "$CONF" -i 0

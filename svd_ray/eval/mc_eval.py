@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from svd_ray.data import MCItem
-from svd_ray.decoding import SteeringConfig, choice_logits, encode_choices, scores_from_logits
+from svd_ray.decoding import SharedPrefix, SteeringConfig, choice_logits, encode_choices, scores_from_logits
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,18 @@ def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None =
 
 
 @torch.inference_mode()
-def score_items(dual, tokenizer, items: list[MCItem], variants: list[Variant], progress=None) -> list[dict]:
-    """For each item: {"id", "labels", "lengths", variant name → per-choice log-likelihoods}."""
+def score_items(
+    dual, tokenizer, items: list[MCItem], variants: list[Variant], progress=None, prefix: SharedPrefix | None = None
+) -> list[dict]:
+    """For each item: {"id", "source", "labels", "choices", "num_tokens", variant → per-choice log-likelihoods}.
+
+    ``prefix``: a shared prompt prefix (few-shot primer) encoded once and reused.
+    """
     rows = []
     for n, item in enumerate(items):
         prompt_ids, choice_ids = encode_choices(tokenizer, item.prompt, item.choices)
-        cl = choice_logits(dual, prompt_ids, choice_ids, with_base=True)
-        row = {"id": item.id, "labels": list(item.labels), "choices": list(item.choices)}
+        cl = choice_logits(dual, prompt_ids, choice_ids, with_base=True, prefix=prefix)
+        row = {"id": item.id, "source": item.source, "labels": list(item.labels), "choices": list(item.choices)}
         plain = scores_from_logits(cl, SteeringConfig(mode="off"))
         row["base"], row["peft"] = plain.base, plain.adapter
         row["num_tokens"] = plain.num_tokens

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +58,10 @@ class Backend(ABC):
         """Store the file ``src`` at ``key`` (overwrites)."""
 
     @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key`` (overwrites; not used for anything shared between writers)."""
+
+    @abstractmethod
     def create_once(self, key: str, data: bytes) -> bool:
         """Atomically create ``key`` with ``data``; return False (writing nothing) if it already exists."""
 
@@ -75,7 +79,7 @@ class Backend(ABC):
         """Copy the object to the local file ``dest``; :class:`NotFoundError` if missing."""
 
     @abstractmethod
-    def list(self, prefix: str) -> list[ObjectInfo]:
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """All objects whose key starts with ``prefix`` (recursive), sorted by key."""
 
     @abstractmethod
@@ -87,14 +91,14 @@ class Backend(ABC):
         """Delete the given keys; missing keys are ignored."""
 
     def ensure_ready(self, create: bool = False) -> None:  # noqa: B027 - optional hook
-        """Check that the location exists (optionally creating it)."""
+        """Called before the first write: check that the location exists (create the bucket if ``create``)."""
 
 
 # --------------------------------------------------------------------------------------------- local
 
 
 class LocalBackend(Backend):
-    """A directory on a local (or POSIX network) filesystem."""
+    """A directory on a local (or POSIX network) filesystem. ``OSError``s surface as :class:`StoreError`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -113,63 +117,89 @@ class LocalBackend(Backend):
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{uuid.uuid4().hex}.part"
 
-    def ensure_ready(self, create: bool = False) -> None:
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+    def _missing(self, key: str) -> NotFoundError:
+        return NotFoundError(f"{self.describe()}/{key} does not exist")
 
-    def upload_file(self, key: str, src: Path) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp()
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def _os_error(self, op: str, key: str, exc: OSError) -> StoreError:
+        return StoreError(f"{op} {self.describe()}/{key} failed: {exc.strerror or exc}")
 
-    def create_once(self, key: str, data: bytes) -> bool:
+    def _place(self, tmp: Path, key: str, exclusive: bool) -> bool:
+        """Move the finished temp file to ``key``: ``os.replace`` or, if ``exclusive``, ``os.link`` (False if
+        the name exists). Retries when a concurrent delete pruned the (empty) parent directory."""
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp()
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        for attempt in range(5):
+            dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(tmp, dest)
-            except FileExistsError:
-                return False
-            except OSError as exc:  # filesystems without hard links: O_EXCL create (not crash-atomic)
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
+                if not exclusive:
+                    os.replace(tmp, dest)
+                    return True
                 try:
-                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    os.link(tmp, dest)
                 except FileExistsError:
                     return False
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
+                except OSError as exc:  # no hard links here: O_EXCL create (content may be seen half-written)
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    try:
+                        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        return False
+                    with os.fdopen(fd, "wb") as fh, open(tmp, "rb") as src:
+                        shutil.copyfileobj(src, fh)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                _fsync_dir(dest.parent)
+                return True
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+        return False  # pragma: no cover
+
+    def _write(self, key: str, writer: Callable[[Path], object], exclusive: bool, op: str) -> bool:
+        try:
+            tmp = self._tmp()
+            try:
+                writer(tmp)
+                with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(dest.parent)
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+                return self._place(tmp, key, exclusive)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._os_error(op, key, exc) from exc
+
+    def ensure_ready(self, create: bool = False) -> None:
+        """A local store directory is always created on first write."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store directory {self.root}: {exc.strerror or exc}") from exc
+
+    def upload_file(self, key: str, src: Path) -> None:
+        self._write(key, lambda tmp: shutil.copyfile(src, tmp), exclusive=False, op="upload to")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, lambda tmp: tmp.write_bytes(data), exclusive=False, op="write")
+
+    def create_once(self, key: str, data: bytes) -> bool:
+        return self._write(key, lambda tmp: tmp.write_bytes(data), exclusive=True, op="create")
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(f"{self.describe()}/{key} does not exist") from None
+            raise self._missing(key) from None
+        except OSError as exc:
+            raise self._os_error("read", key, exc) from exc
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
         try:
             fh = open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(f"{self.describe()}/{key} does not exist") from None
+            raise self._missing(key) from None
+        except OSError as exc:
+            raise self._os_error("read", key, exc) from exc
         with fh:
             yield fh
 
@@ -177,9 +207,11 @@ class LocalBackend(Backend):
         try:
             shutil.copyfile(self._path(key), dest)
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(f"{self.describe()}/{key} does not exist") from None
+            if not dest.parent.is_dir():
+                raise
+            raise self._missing(key) from None
 
-    def list(self, prefix: str) -> list[ObjectInfo]:
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
         base = self.root
         # Walk only the deepest directory fully contained in the prefix.
         dir_part, _, _ = prefix.rpartition("/")
@@ -210,12 +242,17 @@ class LocalBackend(Backend):
             return sorted(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise self._os_error("list", prefix, exc) from exc
 
     def delete(self, keys: list[str]) -> None:
         parents: set[Path] = set()
         for key in keys:
             p = self._path(key)
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as exc:
+                raise self._os_error("delete", key, exc) from exc
             parents.add(p.parent)
         # Prune directories left empty (deepest first), never the root itself.
         for d in sorted(parents, key=lambda q: len(q.parts), reverse=True):
@@ -250,6 +287,26 @@ def _client_error_code(exc: Exception) -> tuple[str, int]:
     return code, status
 
 
+_LOADER: Any = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _new_session() -> Any:
+    """A fresh boto3 session (credentials/region resolved now) sharing one model loader, so clients after
+    the first skip re-reading botocore's JSON service models (~0.1 s each)."""
+    import boto3
+    import botocore.loaders
+    import botocore.session
+
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            _LOADER = botocore.loaders.create_loader()
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _LOADER)
+    return boto3.session.Session(botocore_session=core)
+
+
 class S3Backend(Backend):
     """A bucket + key prefix on S3 or an S3-compatible server (Ceph RGW, moto, ...), via boto3.
 
@@ -274,12 +331,13 @@ class S3Backend(Backend):
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    import boto3
                     from botocore.config import Config
 
-                    s3_cfg = {"addressing_style": os.environ.get("SVD_RAY_S3_ADDRESSING_STYLE", "path")} if (
-                        self.endpoint_url
-                    ) else {}
+                    s3_cfg = (
+                        {"addressing_style": os.environ.get("SVD_RAY_S3_ADDRESSING_STYLE", "path")}
+                        if (self.endpoint_url)
+                        else {}
+                    )
                     cfg = Config(
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
@@ -289,8 +347,7 @@ class S3Backend(Backend):
                         max_pool_connections=16,
                         s3=s3_cfg,
                     )
-                    session = boto3.session.Session()
-                    self._client = session.client("s3", endpoint_url=self.endpoint_url, config=cfg)
+                    self._client = _new_session().client("s3", endpoint_url=self.endpoint_url, config=cfg)
         return self._client
 
     def describe(self) -> str:
@@ -338,7 +395,12 @@ class S3Backend(Backend):
             return
         except (ClientError, BotoCoreError) as exc:
             code, status = _client_error_code(exc)
-            if not create or not (status == 404 or code in ("404", "NoSuchBucket", "NotFound")):
+            missing = status == 404 or code in ("404", "NoSuchBucket", "NotFound")
+            if missing and not create:
+                raise StoreError(
+                    f"bucket {self.bucket!r} does not exist ({self.describe()}); create it or pass create_bucket=True"
+                ) from exc
+            if not missing:
                 raise self._wrap(exc, f"bucket {self.bucket!r}") from exc
         try:
             self.client.create_bucket(Bucket=self.bucket)
@@ -351,17 +413,23 @@ class S3Backend(Backend):
         from boto3.exceptions import S3UploadFailedError
 
         try:
-            self._call(f"upload {key}", self.client.upload_file, Filename=str(src), Bucket=self.bucket, Key=self._key(key))
+            self._call(
+                f"upload {key}", self.client.upload_file, Filename=str(src), Bucket=self.bucket, Key=self._key(key)
+            )
         except S3UploadFailedError as exc:
             raise StoreError(f"upload {key} to {self.describe()} failed: {str(exc).splitlines()[0]}") from exc
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(f"put {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def create_once(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(6):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
-                                       ContentType="application/json")
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*", ContentType="application/json"
+                )
                 return True
             except ClientError as exc:
                 code, status = _client_error_code(exc)
@@ -378,7 +446,8 @@ class S3Backend(Backend):
     def read_bytes(self, key: str) -> bytes:
         resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         with contextlib.closing(resp["Body"]) as body:
-            return body.read()
+            data: bytes = body.read()
+        return data
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
@@ -389,10 +458,12 @@ class S3Backend(Backend):
     def download_file(self, key: str, dest: Path) -> None:
         self._call(key, self.client.download_file, Bucket=self.bucket, Key=self._key(key), Filename=str(dest))
 
-    def list(self, prefix: str) -> list[ObjectInfo]:
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(f"list {prefix}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))))
+        pages = self._call(
+            f"list {prefix}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)))
+        )
         for page in pages:
             for obj in page.get("Contents", []):
                 out.append(
@@ -421,9 +492,12 @@ class S3Backend(Backend):
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            resp = self._call("delete", self.client.delete_objects, Bucket=self.bucket,
-                              Delete={"Objects": batch, "Quiet": True})
+            resp = self._call(
+                "delete", self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 e = errors[0]
-                raise StoreError(f"delete {e.get('Key')} in {self.describe()} failed: {e.get('Code')} {e.get('Message')}")
+                raise StoreError(
+                    f"delete {e.get('Key')} in {self.describe()} failed: {e.get('Code')} {e.get('Message')}"
+                )

@@ -133,15 +133,18 @@ class Manifest:
 
     @property
     def base_model_id(self) -> str | None:
-        return self.get("base_model.id")
+        value = self.get("base_model.id")
+        return value if isinstance(value, str) else None
 
     @property
     def weights_sha256(self) -> str | None:
-        return self.get("base_model.weights_sha256")
+        value = self.get("base_model.weights_sha256")
+        return value if isinstance(value, str) else None
 
     @property
     def tokenizer_sha256(self) -> str | None:
-        return self.get("base_model.tokenizer_sha256")
+        value = self.get("base_model.tokenizer_sha256")
+        return value if isinstance(value, str) else None
 
     @property
     def total_size(self) -> int:
@@ -177,7 +180,8 @@ class Manifest:
         schema = obj.get("schema_version")
         if schema != SCHEMA_VERSION:
             raise StoreError(
-                f"{where} has schema_version {schema!r}; this svd-ray understands only {SCHEMA_VERSION} (upgrade svd-ray)"
+                f"{where} has schema_version {schema!r}; "
+                f"this svd-ray understands only {SCHEMA_VERSION} (upgrade svd-ray)"
             )
         try:
             files = [FileEntry(str(f["path"]), f["size"], f["sha256"]) for f in obj["files"]]

@@ -1,0 +1,61 @@
+"""A small fixed subset of the evaluation end to end (tiny model), run twice: same seed → same table."""
+import json
+import warnings
+
+import pytest
+
+from svd_ray.cli import main
+from svd_ray.eval.config import EvalConfig
+from svd_ray.eval.runner import per_item_scores, run_evaluation
+
+warnings.filterwarnings("ignore")
+CONFIG = "jobs/configs/eval-ci.yaml"
+
+
+@pytest.mark.integration
+def test_eval_subset_end_to_end_and_reproducible(tmp_path):
+    runs = []
+    for k in range(2):  # fresh store each time: the second run retrains from scratch
+        cfg = EvalConfig.from_yaml(CONFIG, {"store": (tmp_path / f"store{k}").as_uri(),
+                                            "output_dir": str(tmp_path / f"out{k}")})
+        runs.append(run_evaluation(cfg, log=lambda s: None))
+    a, b = runs
+    for family in ("truthfulqa", "commonsense"):
+        for method in ("lora", "prompt_tuning"):
+            assert a["runs"][family][method]["metrics"] == b["runs"][family][method]["metrics"]
+            assert a["runs"][family][method]["mu_estimates"] == b["runs"][family][method]["mu_estimates"]
+    tqa = a["runs"]["truthfulqa"]["lora"]["metrics"]
+    for key in ("mc1", "mc2", "mc3", "paper_mc1", "paper_mc2", "paper_mc3"):
+        assert {"base", "peft", "svdecode", "mask_only", "static"} <= set(tqa[f"truthfulqa/{key}"])
+        assert tqa[f"truthfulqa/{key}"]["peft"]["n"] == 6  # one score per question
+    cs = a["runs"]["commonsense"]["lora"]["metrics"]
+    assert {f"{t}/acc" for t in ("boolq", "piqa", "siqa", "winogrande", "arc_e", "arc_c", "obqa")} <= set(cs)
+    assert "average/acc" in cs
+    assert set(a["runs"]["truthfulqa"]["lora"]["generation"]) == {"peft", "svdecode"}
+    out = tmp_path / "out0"
+    md = (out / "results.md").read_text()
+    assert "## truthfulqa" in md and "## commonsense" in md and "HellaSwag" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == {"truthfulqa", "commonsense"}
+
+
+def test_per_item_scores_pairs_mc1_and_mc2_by_question():
+    rows = [
+        {"id": "q1", "source": "truthfulqa_mc1", "labels": [1, 0], "choices": [" a", " b"], "num_tokens": [1, 1],
+         "peft": [-1.0, -2.0]},
+        {"id": "q1", "source": "truthfulqa_mc2", "labels": [1, 1, 0], "choices": [" a", " c", " b"],
+         "num_tokens": [1, 1, 1], "peft": [-1.0, -3.0, -2.0]},
+    ]
+    s = per_item_scores(rows)
+    assert s["truthfulqa/mc1"]["peft"] == [1.0]
+    assert s["truthfulqa/mc3"]["peft"] == [0.5]  # one of two true answers beats the best false one
+    import math
+    assert math.isclose(s["truthfulqa/mc2"]["peft"][0], (math.e ** -1 + math.e ** -3) / (math.e ** -1 + math.e ** -3 + math.e ** -2))
+
+
+def test_eval_cli_bad_config_exits_2(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [adalora]\n")
+    assert main(["eval", str(bad)]) == 2
+    assert "methods" in capsys.readouterr().err

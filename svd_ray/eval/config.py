@@ -35,6 +35,7 @@ class EvalConfig(_Strict):
     store: str = Field(default_factory=default_store_uri)
     output_dir: str = "out/eval"
     results_md: str | None = None  # e.g. docs/RESULTS.md
+    notes_file: str | None = None  # markdown appended verbatim (the human analysis of the numbers)
     num_shards: int = Field(2, gt=0)  # Ray tasks scoring eval items in parallel
     threads_per_shard: int = Field(1, gt=0)
     reuse_bundles: bool = True  # skip training when the store holds a bundle of the identical run config

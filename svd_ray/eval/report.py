@@ -115,6 +115,9 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
         lines.append("")
     if any(f.startswith("commonsense") for f in results["runs"]):
         lines += ["HellaSwag is not part of the commonsense table: its labelled data is not available offline.", ""]
+    notes = getattr(cfg, "notes_file", None)
+    if notes and Path(notes).is_file():
+        lines += [Path(notes).read_text().rstrip(), ""]
     return "\n".join(lines)
 
 

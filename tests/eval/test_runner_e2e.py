@@ -59,3 +59,23 @@ def test_eval_cli_bad_config_exits_2(tmp_path, capsys):
     bad.write_text("methods: [adalora]\n")
     assert main(["eval", str(bad)]) == 2
     assert "methods" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_user_jsonl_task_trains_calibrates_and_evaluates(tmp_path):
+    from svd_ray.data import builtin_task, write_jsonl
+
+    task = builtin_task(seed=3)
+    items = [i for split in ("train", "calibration", "eval") for i in task.mc[split]][:40]
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(path, items)
+    cfg = EvalConfig.model_validate({
+        "name": "jsonl-e2e", "model": "tiny-llama", "methods": ["ia3"],
+        "families": [{"task": f"jsonl:{path}", "calibration_size": 4, "eval_size": 5}],
+        "training": {"max_steps": 1, "max_length": 64}, "num_shards": 1, "bootstrap_resamples": 100,
+        "store": (tmp_path / "store").as_uri(), "output_dir": str(tmp_path / "out"),
+    })
+    res = run_evaluation(cfg, log=lambda s: None)
+    run = res["runs"][f"jsonl:{path}"]["ia3"]
+    assert run["sizes"]["eval"] == 5 and run["sizes"]["train"] == 16
+    assert {"base", "peft", "svdecode"} <= set(run["metrics"]["builtin_addition/acc"])

@@ -4,6 +4,7 @@ Measures generated tokens per second for the steering modes
     off       plain adapter decoding (one forward per token)          — the baseline
     static    z_φ + μ·δ̄ with the calibration-mean δ̄ (one forward)
     svdecode  two cached forwards per token (adapter on / off) + δ
+    1-batch   svdecode with both passes as ONE mixed-adapter batch of 2B rows (LoRA only)
 at several batch sizes, for LoRA (adapter-off = ``disable_adapter``) and prompt tuning
 (adapter-off = no virtual tokens), and prints a table with ratios to "off".
 
@@ -65,10 +66,12 @@ def main() -> None:
     print(f"# decode overhead — {source}; device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
           f"dtype {args.dtype}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    print(f"{'method':<15}{'batch':>6}{'off tok/s':>12}{'static tok/s':>14}{'svdecode tok/s':>16}{'static/off':>12}{'svdecode/off':>14}")
+    print(f"{'method':<15}{'batch':>6}{'off tok/s':>12}{'static tok/s':>14}{'svdecode tok/s':>16}"
+          f"{'1-batch tok/s':>15}{'static/off':>12}{'svdecode/off':>14}{'1-batch/off':>13}")
     for method in args.methods.split(","):
         model = build_peft_model(base_factory(), PeftSettings(method=method)).to(device=device, dtype=dtype).eval()
         dual = DualModel(model)
+        paired = DualModel(model, batched=True) if method == "lora" else None
         vocab = model.get_base_model().config.vocab_size
         mean_delta = torch.randn(vocab, device=device) * 1e-3
         modes = {
@@ -82,22 +85,29 @@ def main() -> None:
             rates = {}
             with torch.inference_mode():  # warm-up: allocator, kernels, caches
                 generate(dual, ids, None, modes["svdecode"], GenerationConfig(max_new_tokens=2))
-            for name, steering in modes.items():
+            runs = [(name, dual, steering) for name, steering in modes.items()]
+            if paired is not None:  # adapter on/off as one mixed-adapter batch of 2B rows
+                runs.append(("paired", paired, modes["svdecode"]))
+            for name, runner, steering in runs:
                 best = 0.0
                 for _ in range(args.repeats):
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        out = generate(dual, ids, None, steering, gen)
+                        out = generate(runner, ids, None, steering, gen)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - t0
                     best = max(best, sum(len(r.token_ids) for r in out) / dt)
                 rates[name] = best
+            pair = rates.get("paired")
+            pair_rate = "–" if pair is None else f"{pair:.1f}"
+            pair_ratio = "–" if pair is None else f"{pair / rates['off']:.2f}"
             print(f"{method:<15}{bs:>6}{rates['off']:>12.1f}{rates['static']:>14.1f}{rates['svdecode']:>16.1f}"
-                  f"{rates['static'] / rates['off']:>12.2f}{rates['svdecode'] / rates['off']:>14.2f}")
-        del model, dual
+                  f"{pair_rate:>15}{rates['static'] / rates['off']:>12.2f}"
+                  f"{rates['svdecode'] / rates['off']:>14.2f}{pair_ratio:>13}")
+        del model, dual, paired
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

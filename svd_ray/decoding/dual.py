@@ -45,10 +45,21 @@ class BranchState:
 
 @dataclass
 class DualState:
-    adapted: BranchState
+    """Caches of both branches: separate (``adapted`` + ``base``) or one batch of 2B rows (``paired``,
+    rows B..2B−1 = adapter off) when the two passes run together."""
+
+    adapted: BranchState | None
     base: BranchState | None  # None when the base pass is not needed (steering off / static)
+    paired: BranchState | None = None
+
+    @property
+    def has_base(self) -> bool:
+        return self.base is not None or self.paired is not None
 
     def select_rows(self, index: torch.Tensor) -> "DualState":
+        if self.paired is not None:
+            half = self.paired.attention_mask.shape[0] // 2
+            return DualState(None, None, self.paired.select_rows(torch.cat([index, index + half])))
         return DualState(
             self.adapted.select_rows(index), None if self.base is None else self.base.select_rows(index)
         )
@@ -62,7 +73,7 @@ class DualModel:
     ``step`` once per generated token, or ``extend`` to append several tokens at once.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, batched: bool = False):
         self.peft_model = model
         peft_config = getattr(model, "peft_config", None)
         if peft_config:
@@ -73,6 +84,9 @@ class DualModel:
         else:
             self.method, self.core, self.num_virtual = None, model, 0
         self.is_prompt_method = self.method in PROMPT_METHODS
+        if batched and self.method != "lora":
+            raise ValueError("batched adapter-on/off passes need a LoRA adapter (PEFT mixed-adapter batches)")
+        self.batched = batched
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +104,16 @@ class DualModel:
         return DynamicCache(config=self.core.config)
 
     def _run(
-        self, state: BranchState | None, input_ids, attention_mask, positions, *, adapted: bool, prefix=None, last_only=False
+        self,
+        state: BranchState | None,
+        input_ids,
+        attention_mask,
+        positions,
+        *,
+        adapted: bool,
+        prefix=None,
+        last_only=False,
+        adapter_names: list[str] | None = None,
     ):
         """One forward of ``input_ids`` (B, L) appended to ``state`` (or a fresh context)."""
         kwargs = {}
@@ -113,7 +136,11 @@ class DualModel:
         full_mask = torch.cat([past_mask, attention_mask], dim=1)
         if "inputs_embeds" not in kwargs:
             kwargs["input_ids"] = input_ids
-        with (nullcontext() if adapted else self._adapter_disabled()):
+        if adapter_names is not None:  # one batch, a different adapter per row (PEFT mixed batch)
+            context = self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=adapter_names)
+        else:
+            context = nullcontext() if adapted else self._adapter_disabled()
+        with context:
             out = self.core(
                 attention_mask=full_mask,
                 position_ids=positions,
@@ -138,6 +165,8 @@ class DualModel:
         This is the seam for batching the two passes together (mixed-adapter batch) later.
         """
         b = input_ids.shape[0]
+        if self.batched and with_base:
+            return self._forward_paired(state, input_ids, attention_mask, positions, last_only)
         prefix = None
         if state is None and self.is_prompt_method:
             prefix = self.peft_model.get_prompt(batch_size=b)
@@ -163,6 +192,21 @@ class DualModel:
             )
         return z_phi, z_theta, DualState(adapted, base)
 
+    def _forward_paired(self, state, input_ids, attention_mask, positions, last_only):
+        """Adapter on and off as ONE forward of 2B rows: rows 0..B−1 use the adapter, B..2B−1 ``__base__``."""
+        b = input_ids.shape[0]
+        names = [self.peft_model.active_adapter] * b + ["__base__"] * b
+        logits, paired = self._run(
+            None if state is None else state.paired,
+            torch.cat([input_ids, input_ids]),
+            torch.cat([attention_mask, attention_mask]),
+            torch.cat([positions, positions]),
+            adapted=True,
+            last_only=last_only,
+            adapter_names=names,
+        )
+        return logits[:b], logits[b:], DualState(None, None, paired)
+
     @torch.no_grad()
     def prefill(
         self,
@@ -186,11 +230,13 @@ class DualModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         offsets = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        # next_position of the adapted branch includes the virtual offset; the base one does not
-        base_next = state.adapted.next_position - self.num_virtual
+        if state.paired is not None:
+            base_next = state.paired.next_position[: state.paired.next_position.shape[0] // 2]
+        else:  # the adapted branch's positions include the virtual-token offset; the base one's do not
+            base_next = state.adapted.next_position - self.num_virtual
         positions = base_next[:, None] + offsets
         return self.forward_pair(
-            state, input_ids, attention_mask, positions, with_base=state.base is not None, last_only=last_only
+            state, input_ids, attention_mask, positions, with_base=state.has_base, last_only=last_only
         )
 
     @torch.no_grad()

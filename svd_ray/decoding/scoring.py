@@ -120,10 +120,12 @@ class SharedPrefix:
         self.with_base = with_base
         tokens = torch.tensor([self.ids], device=dual.device)
         self.z_phi, self.z_theta, self.state = dual.prefill(tokens, with_base=with_base, last_only=True)
+        self.paired = self.state.paired is not None  # a 2B-row cache cannot drop its base rows
 
     def applies_to(self, prompt_ids: list[int], with_base: bool) -> bool:
         n = len(self.ids)
-        return (self.with_base or not with_base) and len(prompt_ids) >= n and prompt_ids[:n] == self.ids
+        usable = with_base == self.with_base if self.paired else (self.with_base or not with_base)
+        return usable and len(prompt_ids) >= n and prompt_ids[:n] == self.ids
 
     def encode(self, dual: DualModel, prompt_ids: list[int], with_base: bool):
         """(z_φ last, z_θ last, state) for the full prompt, from a copy of the prefix caches."""

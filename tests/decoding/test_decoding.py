@@ -277,3 +277,30 @@ def test_shared_prefix_scoring_equals_full_prompt(peft_dual):
     other = choice_logits(peft_dual, [1, 2, 3], [[4]], prefix=prefix)
     ref = choice_logits(peft_dual, [1, 2, 3], [[4]])
     assert torch.allclose(other.z_phi, ref.z_phi, atol=1e-6)
+
+
+def test_batched_lora_pair_equals_two_passes():
+    """Adapter on/off as one mixed-adapter batch of 2B rows gives the same logits and tokens."""
+    from svd_ray.decoding import SharedPrefix, choice_logits
+
+    model = tiny_peft("lora", seed=21)
+    two, one = DualModel(model), DualModel(model, batched=True)
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(1, 61, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    a_phi, a_theta, _ = two.prefill(ids, mask)
+    b_phi, b_theta, state = one.prefill(ids, mask)
+    assert state.paired is not None and state.adapted is None
+    assert torch.allclose(a_phi, b_phi, atol=1e-5) and torch.allclose(a_theta, b_theta, atol=1e-5)
+    for steering in (SteeringConfig("svdecode", mu=1.3, alpha=0.1), SteeringConfig("off")):
+        for gen in (GenerationConfig(max_new_tokens=6), GenerationConfig(max_new_tokens=4, num_beams=3)):
+            assert [r.token_ids for r in generate(two, ids, mask, steering, gen)] == [
+                r.token_ids for r in generate(one, ids, mask, steering, gen)
+            ]
+    prefix = SharedPrefix(one, [4, 5, 6, 7])
+    x = choice_logits(one, [4, 5, 6, 7, 8], [[1, 2], [3]], prefix=prefix)
+    y = choice_logits(two, [4, 5, 6, 7, 8], [[1, 2], [3]])
+    assert torch.allclose(x.z_phi, y.z_phi, atol=1e-5) and torch.allclose(x.z_theta, y.z_theta, atol=1e-5)
+    with pytest.raises(ValueError, match="LoRA"):
+        DualModel(tiny_peft("ia3"), batched=True)

@@ -1,0 +1,12 @@
+"""Serving: a Ray Serve application for steered generation and scoring, multiplexed by task.
+
+    svd_ray.serving.deployments:build_app   the application builder (serve run / serve deploy / svd-ray serve)
+    svd_ray.serving.app                     FastAPI routes, auth + rate limits, errors (no Ray / torch imports)
+    svd_ray.serving.model_pool              per-replica LRU of loaded tasks and the model work
+    svd_ray.serving.schemas                 request models, settings, the JSON error format
+    svd_ray.serving.auth                    tenants, hashed API keys, token buckets
+    svd_ray.serving.metrics                 Prometheus metrics of the ingress
+    svd_ray.serving.cli                     ``svd-ray serve`` and ``svd-ray apikey``
+
+See docs/SERVING.md. Importing this package imports nothing heavy.
+"""

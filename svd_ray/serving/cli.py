@@ -1,0 +1,197 @@
+"""``svd-ray serve`` (run the Serve application from a Serve config file) and ``svd-ray apikey``.
+
+``svd-ray serve --config serve_configs/local.yaml`` does what ``serve run serve_configs/local.yaml``
+does (same file, same builder, same ``deploy_apps`` call), but starts a private local Ray with the
+settings this project needs (Ray token auth off for the 127.0.0.1-only cluster, no usage stats),
+waits until the application is RUNNING, prints its URL and blocks until Ctrl-C, then shuts down
+Serve and the Ray it started. ``--address`` deploys to a running cluster instead (and leaves it up).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "serve_configs/local.yaml"
+APP_IMPORT_PATH = "svd_ray.serving.deployments:build_app"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the Ray Serve application (blocking; Ctrl-C to stop)",
+                       description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None,
+                   help=f"Serve config YAML (default: {DEFAULT_CONFIG} in the repository, else the packaged copy)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy to (e.g. auto or ray://host:10001); default: start a private local Ray")
+    p.add_argument("--host", default=None, help="override http_options.host")
+    p.add_argument("--port", type=int, default=None, help="override http_options.port")
+    p.add_argument("--store", default=None, help="override the application's store URI")
+    p.add_argument("--tenants", default=None, help="tenants file (sets auth.mode keys and auth.tenants_file)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the private local Ray (default: all)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265) with the local Ray")
+    p.add_argument("--temp-dir", default=None,
+                   help="Ray temp dir of the private local Ray (default: a fresh /tmp/svd-ray-serve-* directory)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the application to be RUNNING")
+    p.add_argument("--no-block", action="store_true", help="return once the application is RUNNING (with --address)")
+    p.set_defaults(func=run_serve)
+
+    k = sub.add_parser("apikey", help="make a new API key and print its sha256 for a tenants file")
+    k.add_argument("--tenant", default="my-tenant", help="tenant name for the printed snippet")
+    k.set_defaults(func=run_apikey)
+
+
+def run_apikey(args) -> int:
+    from svd_ray.serving.auth import _TENANT, hash_key, new_key
+
+    if not _TENANT.match(args.tenant):
+        raise ValueError(f"invalid tenant name {args.tenant!r}")
+    key = new_key()
+    print(f"key:    {key}")
+    print(f"sha256: {hash_key(key)}")
+    print("\n# tenants file snippet (keep the key itself secret; only the hash goes here)")
+    print(f"tenants:\n  {args.tenant}:\n    keys_sha256: [\"{hash_key(key)}\"]\n    tasks: \"*\"")
+    return 0
+
+
+def default_config_path() -> Path:
+    here = Path.cwd() / DEFAULT_CONFIG
+    if here.is_file():
+        return here
+    repo = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+    return repo
+
+
+def load_serve_config(path: str | Path, *, host=None, port=None, store=None, tenants=None) -> dict:
+    """Read + validate a Serve config (Serve's schema, then ``ServeSettings`` for our app's args)."""
+    import yaml
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from svd_ray.serving.schemas import ServeSettings
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"serve config {str(p)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: the top level must be a mapping")
+    http = raw.setdefault("http_options", {}) or {}
+    raw["http_options"] = http
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    for app in raw.get("applications") or []:
+        if app.get("import_path") != APP_IMPORT_PATH:
+            continue
+        args = app.setdefault("args", {}) or {}
+        app["args"] = args
+        if store is not None:
+            args["store"] = store
+        if tenants is not None:
+            args["auth"] = {**(args.get("auth") if isinstance(args.get("auth"), dict) else {}),
+                            "mode": "keys", "tenants_file": str(Path(tenants).resolve())}
+        try:
+            ServeSettings.model_validate(args)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise ValueError(f"{p}: applications[{app.get('name')}].args.{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ValueError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    return raw
+
+
+def _wait_running(names: list[str], timeout: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve.status().applications
+        states = {n: apps.get(n) for n in names}
+        failed = [n for n, a in states.items() if a is not None and str(a.status).endswith("DEPLOY_FAILED")]
+        if failed:
+            msg = (states[failed[0]].message or "").strip().splitlines()
+            tail = msg[-1] if msg else "see the Ray logs"
+            raise ValueError(f"application {failed[0]!r} failed to deploy: {tail}")
+        if all(a is not None and str(a.status).endswith("RUNNING") for a in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise ValueError(f"application(s) {names} not RUNNING after {timeout:g} s (see the Ray logs)")
+        time.sleep(1.0)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_serve(args) -> int:
+    path = Path(args.config) if args.config else default_config_path()
+    config = load_serve_config(path, host=args.host, port=args.port, store=args.store, tenants=args.tenants)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    local = args.address is None
+    if args.no_block and local:
+        raise ValueError("--no-block needs --address (a private local Ray stops when this command exits)")
+    if local:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private 127.0.0.1 cluster; the API has its own keys
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    init_kwargs = {"namespace": "serve", "log_to_driver": True}
+    made_temp = None
+    if local:
+        temp_dir = args.temp_dir
+        if temp_dir is None:  # short path: Ray's socket paths have a length limit
+            temp_dir = made_temp = tempfile.mkdtemp(prefix="svd-ray-serve-", dir="/tmp")
+        init_kwargs.update(include_dashboard=args.dashboard, num_cpus=args.num_cpus, _temp_dir=temp_dir)
+        if args.dashboard:
+            init_kwargs["dashboard_host"] = "127.0.0.1"
+    # Ctrl-C (even when started from a script that ignores SIGINT) and SIGTERM both stop cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ray.init(address=args.address, **init_kwargs)
+    clean = False
+    try:
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        )
+        client.deploy_apps(schema, _blocking=False)
+        names = [a.name for a in schema.applications]
+        _wait_running(names, args.timeout)
+        host = schema.http_options.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        prefixes = [a.route_prefix or "/" for a in schema.applications]
+        print(f"svd-ray serving {', '.join(names)} on http://{shown}:{schema.http_options.port}{prefixes[0].rstrip('/')}"
+              f"  (try /healthz and /v1/tasks; Ctrl-C to stop)", flush=True)
+        if args.no_block:
+            return 0
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopping...", file=sys.stderr)
+        clean = True
+        return 0
+    finally:
+        if local or not args.no_block:
+            try:
+                serve.shutdown()
+            except Exception:
+                pass
+        ray.shutdown()
+        if made_temp and clean:  # keep Ray's logs after a failure
+            shutil.rmtree(made_temp, ignore_errors=True)

@@ -1,0 +1,390 @@
+"""Ray Serve deployments and the application builder.
+
+    Ingress (FastAPI, svd_ray.serving.app)  --handle, multiplexed_model_id=task-->  TaskModels
+    ``serve run serve_configs/local.yaml`` / ``svd-ray serve`` / ``serve deploy`` all import
+    ``svd_ray.serving.deployments:build_app`` with the config's ``args`` (see ``ServeSettings``).
+
+TaskModels (one replica = one process holding a ``ModelPool``):
+  * ``@serve.multiplexed`` keyed by task id: Serve routes a task's requests to replicas that already
+    hold it; the pool (count + bytes LRU, pins, version refresh) decides what really stays loaded and
+    tells Serve when it evicts, so the advertised set follows the pool.
+  * one worker thread runs all model work (FIFO), one small thread pool loads bundles, one thread
+    refreshes versions; the event loop only awaits, so health checks and streams stay responsive.
+Ingress: auth, rate limits, validation, listing; retries a request once when its model replica dies
+(``retries``), and turns every failure into a JSON error.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from svd_ray.serving.schemas import ApiError, ServeSettings
+
+log = logging.getLogger("svd_ray.serving")
+
+MULTIPLEX_SLOTS = 256  # Serve's own per-replica model LRU; the ModelPool enforces the real bounds
+
+
+# ------------------------------------------------------------------------------------------- models
+@serve.deployment(
+    name="TaskModels",
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=8,
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=30,
+)
+class TaskModels:
+    def __init__(self, settings: dict):
+        import torch
+
+        from svd_ray.serving.model_pool import ModelPool
+        from svd_ray.store import open_store
+
+        s = ServeSettings.model_validate(settings)
+        self.settings = s
+        if s.pool.torch_threads:
+            torch.set_num_threads(s.pool.torch_threads)
+        torch.set_flush_denormal(True)
+        self.pool = ModelPool(
+            open_store(s.store, cache_dir=s.cache_dir), allowed_bases=s.base_models, max_tasks=s.pool.max_tasks,
+            max_bytes=s.pool.max_bytes, pin=s.pool.pin, refresh_s=s.pool.refresh_s, device=s.pool.device,
+            on_evict=self._on_evict,
+        )
+        self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svd-model")
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="svd-load")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._gauges = _pool_gauges()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="svd-refresh", daemon=True)
+        self._refresher.start()
+
+    # ------------------------------------------------------------------ pool plumbing
+    def _refresh_loop(self) -> None:
+        period = min(self.pool.refresh_s, 2.0)
+        while not self._stop.wait(period):
+            try:
+                self.pool.refresh_all()
+                self._export_stats()
+            except Exception:
+                log.exception("refresh loop")
+
+    def _export_stats(self) -> None:
+        if not self._gauges:
+            return
+        st = self.pool.stats()
+        try:
+            self._gauges["tasks"].set(len(st["tasks"]))
+            self._gauges["bytes"].set(st["bytes"])
+            for name in ("loads", "evictions", "refreshes", "load_failures"):
+                self._gauges[name].set(st[name])
+        except Exception:
+            pass
+
+    def _on_evict(self, task: str) -> None:
+        """Drop the task from Serve's multiplexed set too (on the replica's event loop)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._forget_multiplexed, task)
+
+    def _forget_multiplexed(self, task: str) -> None:
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        models = getattr(wrapper, "models", None)
+        if models is not None and task in models:
+            models.pop(task, None)
+            try:
+                wrapper._push_multiplexed_replica_info = True
+            except Exception:
+                pass
+
+    @serve.multiplexed(max_num_models_per_replica=MULTIPLEX_SLOTS)
+    async def _task_slot(self, task: str) -> str:
+        await self._acquire(task)
+        return task
+
+    async def _acquire(self, task: str):
+        lt = self.pool.get(task)
+        if lt is None:
+            lt = await asyncio.get_running_loop().run_in_executor(self._loader, self.pool.acquire, task)
+        return lt
+
+    async def _entry(self, req: dict):
+        from svd_ray.serving.model_pool import PoolError
+
+        self._loop = asyncio.get_running_loop()
+        task = req.get("task")
+        model_id = serve.get_multiplexed_model_id()
+        if not isinstance(task, str) or not task or (model_id and model_id != task):
+            raise PoolError("request task does not match its routing id")
+        await self._task_slot(task)
+        return await self._acquire(task)
+
+    # ------------------------------------------------------------------ requests
+    async def _run(self, req: dict, fn) -> dict:
+        from svd_ray.serving.model_pool import PoolError
+
+        try:
+            lt = await self._entry(req)
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._work, fn, lt, req, self.settings.limits.max_prompt_tokens)
+            return {"ok": True, **out}
+        except PoolError as exc:
+            return {"ok": False, "error": exc.to_dict()}
+        except Exception:
+            log.exception("model request failed")
+            return {"ok": False, "error": {"status": 500, "type": "internal_error", "message": "model error"}}
+
+    async def generate(self, req: dict) -> dict:
+        from svd_ray.serving.model_pool import run_generate
+
+        return await self._run(req, run_generate)
+
+    async def score(self, req: dict) -> dict:
+        from svd_ray.serving.model_pool import run_score
+
+        return await self._run(req, run_score)
+
+    async def generate_stream(self, req: dict) -> AsyncIterator[dict]:
+        from svd_ray.serving.model_pool import PoolError, run_stream
+
+        try:
+            lt = await self._entry(req)
+        except PoolError as exc:
+            yield {"event": "error", "error": exc.to_dict()}
+            return
+        except Exception:
+            log.exception("stream setup failed")
+            yield {"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error"}}
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(ev) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        def job() -> None:
+            try:
+                run_stream(lt, req, emit, cancel.is_set, self.settings.limits.max_prompt_tokens)
+            except PoolError as exc:
+                emit({"event": "error", "error": exc.to_dict()})
+            except Exception:
+                log.exception("stream failed")
+                emit({"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error"}})
+            finally:
+                emit(None)
+
+        loop.run_in_executor(self._work, job)
+        try:
+            while True:
+                ev = await queue.get()
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            cancel.set()
+
+    async def stats(self) -> dict:
+        return self.pool.stats()
+
+    def check_health(self) -> None:
+        if not self._refresher.is_alive():
+            raise RuntimeError("refresh thread died")
+
+    def __del__(self):
+        try:
+            self._stop.set()
+            self._work.shutdown(wait=False, cancel_futures=True)
+            self._loader.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
+
+
+def _pool_gauges() -> dict:
+    try:
+        from ray.serve.metrics import Gauge
+
+        return {
+            "tasks": Gauge("svd_ray_pool_tasks", description="Tasks loaded in this model replica"),
+            "bytes": Gauge("svd_ray_pool_bytes", description="Bytes held by base models and tasks"),
+            "loads": Gauge("svd_ray_pool_loads", description="Task loads since the replica started"),
+            "evictions": Gauge("svd_ray_pool_evictions", description="Task evictions since the replica started"),
+            "refreshes": Gauge("svd_ray_pool_refreshes", description="Version swaps since the replica started"),
+            "load_failures": Gauge("svd_ray_pool_load_failures", description="Failed task loads"),
+        }
+    except Exception:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------- backend
+class ServeBackend:
+    """How the ingress reaches TaskModels: multiplexed by task, with retries, timeouts and clean errors."""
+
+    def __init__(self, handle: DeploymentHandle, settings: ServeSettings, metrics=None):
+        self.handle = handle
+        self.retries = settings.retries
+        self.timeout = settings.request_timeout_s
+        self.metrics = metrics
+
+    def _count(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.model_errors.labels(kind, self.metrics.replica).inc()
+
+    async def call(self, method: str, task: str, payload: dict) -> dict:
+        import ray.exceptions as rex
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        attempt = 0
+        while True:
+            resp = getattr(self.handle.options(multiplexed_model_id=task), method).remote(payload)
+            try:
+                return await asyncio.wait_for(_awaited(resp), self.timeout)
+            except asyncio.TimeoutError:
+                resp.cancel()
+                self._count("timeout")
+                raise ApiError(504, "timeout", f"no response within {self.timeout:g} s",
+                               headers={"Retry-After": "5"}) from None
+            except BackPressureError:
+                self._count("backpressure")
+                raise ApiError(503, "overloaded", "the model deployment is overloaded; retry later",
+                               headers={"Retry-After": "2"}) from None
+            except (rex.RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+                self._count("replica_failure")
+                if attempt < self.retries:
+                    attempt += 1
+                    if self.metrics is not None:
+                        self.metrics.retries.labels(self.metrics.replica).inc()
+                    log.warning("model replica failed (%s); retrying %s for task %s", type(exc).__name__, method, task)
+                    continue
+                raise ApiError(503, "unavailable", "the model replica failed; retry the request",
+                               headers={"Retry-After": "2"}) from None
+            except rex.RayError as exc:
+                self._count("ray_error")
+                log.error("model call failed: %s", type(exc).__name__)
+                raise ApiError(503, "unavailable", "the model deployment failed; retry the request",
+                               headers={"Retry-After": "2"}) from None
+
+    def stream(self, task: str, payload: dict) -> AsyncIterator[dict]:
+        return _Stream(self, task, payload)
+
+
+async def _awaited(resp):
+    return await resp
+
+
+class _Stream:
+    """Async iterator over TaskModels.generate_stream; retries (before the first event) on replica death."""
+
+    def __init__(self, backend: ServeBackend, task: str, payload: dict):
+        self.backend, self.task, self.payload = backend, task, payload
+        self.gen = None
+        self.started = False
+        self.attempt = 0
+
+    def __aiter__(self):
+        return self
+
+    def _open(self):
+        h = self.backend.handle.options(multiplexed_model_id=self.task, stream=True)
+        self.gen = h.generate_stream.remote(self.payload)
+
+    async def __anext__(self) -> dict:
+        import ray.exceptions as rex
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        while True:
+            if self.gen is None:
+                self._open()
+            try:
+                ev = await self.gen.__anext__()
+                self.started = True
+                return ev
+            except StopAsyncIteration:
+                raise
+            except BackPressureError:
+                raise ApiError(503, "overloaded", "the model deployment is overloaded; retry later",
+                               headers={"Retry-After": "2"}) from None
+            except (rex.RayActorError, ReplicaUnavailableError, DeploymentUnavailableError):
+                self.backend._count("replica_failure")
+                if not self.started and self.attempt < self.backend.retries:
+                    self.attempt += 1
+                    self.gen = None
+                    continue
+                raise ApiError(503, "unavailable", "the model replica failed; retry the request",
+                               headers={"Retry-After": "2"}) from None
+            except rex.RayError:
+                self.backend._count("ray_error")
+                raise ApiError(503, "unavailable", "the model deployment failed; retry the request",
+                               headers={"Retry-After": "2"}) from None
+
+    async def aclose(self) -> None:
+        if self.gen is not None:
+            try:
+                self.gen.cancel()
+            except Exception:
+                pass
+
+
+# ------------------------------------------------------------------------------------------- ingress
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class Ingress:
+    def __init__(self, models: DeploymentHandle, settings: dict, auth: dict):
+        from svd_ray.serving.app import IngressService
+        from svd_ray.serving.auth import AuthState
+        from svd_ray.serving.metrics import Metrics
+
+        s = ServeSettings.model_validate(settings)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            replica = str(os.getpid())
+        metrics = Metrics(replica)
+        self.service = IngressService(s, AuthState.from_dict(auth), ServeBackend(models, s, metrics), metrics=metrics)
+
+    def __serve_build_asgi_app__(self):
+        from svd_ray.serving.app import create_app
+
+        return create_app(self.service)
+
+
+# ------------------------------------------------------------------------------------------- builder
+def build_app(args: dict | None = None):
+    """Application builder for ``serve run`` / ``serve deploy`` / ``svd-ray serve``: ``args`` = ``ServeSettings``.
+
+    API keys are read here (tenants file and environment, on the cluster) and only their sha256 digests
+    are passed to the ingress replicas. Invalid settings raise ``ValueError`` naming the field.
+    Replica counts, CPUs/GPUs and autoscaling come from the config's ``deployments:`` section.
+    """
+    return make_app(args)
+
+
+def make_app(args: dict | None = None, model_options: dict | None = None, ingress_options: dict | None = None):
+    """``build_app`` with optional ``.options()`` for the two deployments (tests, Python callers)."""
+    from pydantic import ValidationError
+
+    from svd_ray.serving.auth import load_auth
+
+    try:
+        settings = ServeSettings.model_validate(dict(args or {}))
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ValueError(f"serve args: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}") from None
+    auth = load_auth(settings.auth)
+    plain = settings.model_dump(mode="json")
+    models_dep = TaskModels.options(**model_options) if model_options else TaskModels
+    ingress_dep = Ingress.options(**ingress_options) if ingress_options else Ingress
+    return ingress_dep.bind(models_dep.bind(plain), plain, auth.to_dict())

@@ -3,7 +3,7 @@
   demo                      quickstart: warm-start → calibrate → publish → steer, before/after (svd_ray.demo)
   train / submit / status / logs   Ray Train runs and Ray Jobs               (svd_ray.training.cli)
   tasks list|show|verify|promote|delete|publish   the bundle store          (svd_ray.store.cli)
-  serve                     the Ray Serve application                       (svd_ray.serving.cli)
+  serve / apikey            the Ray Serve application; API-key helper       (svd_ray.serving.cli)
   eval                      benchmark evaluation                             (svd_ray.eval.cli)
 
 Errors in user input exit with status 2 and one clear line on stderr (no traceback).

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 # (module, function adding its subparsers, runner): the function sets ``func`` (args → exit code)
 # on its parsers, or returns its parser and names a runner to set as ``func``.
@@ -76,8 +77,11 @@ def _run_demo(args) -> int:
     if args.store:
         overrides["store"] = args.store
     default = Path(__file__).with_name("demo.yaml")
+    if args.config is None and "run_id" not in overrides:
+        # Ray Train resumes a run id it has seen: each demo gets a fresh run (published as task demo-addition)
+        overrides["run_id"] = "demo-" + time.strftime("%Y%m%d-%H%M%S")
     cfg = load_run_config(args.config, overrides, str(default))
-    if args.local or not hasattr(demo, "run_ray"):
+    if args.local:
         demo.run_local(cfg)
     else:
         demo.run_ray(cfg)

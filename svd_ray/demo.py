@@ -1,8 +1,8 @@
 """The quickstart: warm-start → calibrate μ̄ → publish → load from the store → steer, before/after.
 
 ``svd-ray demo`` runs it on the embedded default (local storage, SmolLM2-135M, the built-in
-addition task). With ``--ray`` (the default once Ray training is available) the warm-start and
-calibration run as a Ray Train job; ``--local`` keeps everything in this process.
+addition task): the warm-start and calibration run as a Ray Train job (local Ray, 2 workers,
+DeepSpeed ZeRO-2); ``--local`` keeps everything in this process.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def _acc_table(rows: list[dict], names: list[str]) -> dict[str, float]:
     return {n: metrics.mean(metrics.acc(r[n], r["labels"]) for r in rows) for n in names}
 
 
-def evaluate_bundle(cfg: RunConfig, task_data, log=print) -> dict:
-    """Fetch the task's latest bundle from the store (verified) and measure before/after."""
+def evaluate_bundle(cfg: RunConfig, task_data, log=print, version: str = "latest") -> dict:
+    """Fetch the task's bundle from the store (verified against the base model) and measure before/after."""
     from svd_ray.decoding import GenerationConfig
     from svd_ray.engine import TaskModel
     from svd_ray.eval.mc_eval import score_items, standard_variants
@@ -29,7 +29,7 @@ def evaluate_bundle(cfg: RunConfig, task_data, log=print) -> dict:
     store = open_store(cfg.store)
     path, manifest = store.fetch(
         cfg.task,
-        "latest",
+        version,
         expect={"base_model_id": fp["id"], "weights_sha256": fp["weights_sha256"], "tokenizer_sha256": fp["tokenizer_sha256"]},
     )
     tm = TaskModel.from_bundle(path, model=cfg.model)
@@ -88,7 +88,19 @@ def run_local(cfg: RunConfig, log=print) -> dict:
         f"sequence {acc.sequence_level():+.4f}")
     manifest = publish_bundle(cfg, ref, peft_model, acc, data.split, {"train": train_metrics.to_dict()})
     log(f"published {cfg.task}@{manifest.version}")
-    result = evaluate_bundle(cfg, data, log=log)
+    result = evaluate_bundle(cfg, data, log=log, version=manifest.version)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print_report(result, log=log)
+    return result
+
+
+def run_ray(cfg: RunConfig, log=print) -> dict:
+    """Warm-start and calibrate as a Ray Train job (DeepSpeed ZeRO, N workers), then evaluate from the store."""
+    from svd_ray.training.ray_train import run_ray as train_on_ray
+
+    t0 = time.perf_counter()
+    out = train_on_ray(cfg, log=log)
+    result = evaluate_bundle(cfg, out["task_data"], log=log, version=out["version"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print_report(result, log=log)
     return result

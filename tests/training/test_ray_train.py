@@ -1,0 +1,234 @@
+"""Ray Train + DeepSpeed runs of the tiny model on a local 2-CPU Ray (session fixture).
+
+* calibration statistics from 2 workers == 1 worker (the all-reduce is right)
+* ZeRO-3: the step-1 loss and the whole 4-step trajectory equal a plain-PyTorch replica of the
+  same data-parallel update; the published adapter reproduces the engine's logits
+* ZeRO-2: a worker killed mid-training → the run resumes from its checkpoint and ends with the same
+  adapter and μ̄ as an uninterrupted run; resubmitting a finished run id returns it without republishing
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training_helpers import tiny_config
+
+pytestmark = pytest.mark.integration
+
+PROBE = "Q: 3 + 4 = ?\nA: 7"
+
+
+def _data(cfg):
+    from svd_ray.training.task_data import load_task_data
+
+    return load_task_data(cfg.data)
+
+
+def _bundle_logits(cfg, version, tmp_path, text=PROBE):
+    """Logits of the published adapter, loaded from the store onto a fresh base model."""
+    from svd_ray.decoding import DualModel
+    from svd_ray.models import load_base_model, load_tokenizer, resolve_model
+    from svd_ray.models.peft_methods import load_peft_model
+    from svd_ray.store import open_store
+
+    path, manifest = open_store(cfg.store).fetch(cfg.task, version, dest_dir=tmp_path / f"fetch-{version}")
+    ref = resolve_model(cfg.model)
+    model = load_peft_model(load_base_model(ref), str(path / "adapter"))
+    ids = load_tokenizer(ref)(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = DualModel(model).teacher_forced_logits(ids, with_base=False)[0]
+    return logits, path, manifest
+
+
+def _local_replica(cfg, train, world):
+    """Plain PyTorch version of the DeepSpeed update: mean of the ranks' losses, torch AdamW."""
+    from svd_ray.decoding import DualModel
+    from svd_ray.training.local import planned_steps, prepare_model
+    from svd_ray.training.ray_train import _collate, step_examples
+    from svd_ray.training.steps import causal_lm_loss
+
+    tc = cfg.training
+    model, tok, _ = prepare_model(cfg)
+    dual = DualModel(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses = []
+    for step in range(planned_steps(len(train), cfg, world)):
+        per_rank = []
+        for r in range(world):
+            ex = step_examples(train, step, batch_size=tc.batch_size, world_size=world, rank=r, seed=tc.seed)
+            per_rank.append(causal_lm_loss(dual, _collate(tok, ex, tc.max_length, tc.loss_on))[0])
+        loss = torch.stack(per_rank).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    ids = tok(PROBE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = dual.teacher_forced_logits(ids, with_base=False)[0]
+    return losses, logits
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def test_calibration_two_workers_equals_one_worker(ray_session, tmp_path):
+    from svd_ray.training.distributed_calibration import calibrate_distributed, randomize_adapter
+    from svd_ray.training.local import prepare_model
+    from svd_ray.training.ray_train import fit
+
+    results = {}
+    for workers in (1, 2):
+        cfg = tiny_config(tmp_path / "store", cluster={"num_workers": workers})
+        out = fit(cfg, _data(cfg), mode="calibrate", extra={"adapter_seed": 3})
+        results[workers] = out["accumulator"]
+        assert out["calibration"]["workers"] == workers
+    one, two = results[1], results[2]
+    assert one.count == two.count > 20
+    s1, s2 = one.summary(), two.summary()
+    for key in ("mean", "std", "median", "trimmed_mean_10", "min", "max", "sequence"):
+        assert s2[key] == pytest.approx(s1[key], rel=1e-5, abs=1e-12), key
+    torch.testing.assert_close(two.sum_delta, one.sum_delta, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(two.hist_count, one.hist_count, rtol=0, atol=0)
+
+    # … and both equal the single-process calibration of the same seeded adapter
+    model, tok, _ = prepare_model(cfg)
+    randomize_adapter(model, 3)
+    model.eval()
+    local = calibrate_distributed(model, tok, _data(cfg).calibration, alpha=0.1, batch_size=4, max_length=64)
+    assert local.count == one.count
+    assert local.mean() == pytest.approx(one.mean(), rel=1e-5)
+    assert local.sequence_level() == pytest.approx(one.sequence_level(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ ZeRO-3
+
+
+@pytest.fixture(scope="module")
+def zero3_run(ray_session, tmp_path_factory):
+    from svd_ray.training.ray_train import fit
+
+    store = tmp_path_factory.mktemp("z3") / "store"
+    cfg = tiny_config(store, peft={"method": "lora", "dropout": 0.0}, cluster={"zero_stage": 3})
+    data = _data(cfg)
+    return cfg, data, fit(cfg, data, extra={"probe_text": PROBE})
+
+
+def test_zero3_matches_plain_pytorch_replica(zero3_run):
+    cfg, data, out = zero3_run
+    losses, replica_logits = _local_replica(cfg, data.train, world=2)
+    m = out["metrics"]
+    assert m["steps"] == 4 and m["zero_stage"] == 3 and m["world_size"] == 2
+    # step 1: the loss through DeepSpeed (ZeRO-3 gathering params via its hooks) = the plain forward
+    assert m["first_loss"] == pytest.approx(losses[0], rel=1e-5)
+    assert m["losses"][-1][1] == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-4)
+    engine_logits = torch.tensor(m["engine_probe"])
+    torch.testing.assert_close(engine_logits, replica_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_zero3_bundle_reproduces_the_trained_adapter(zero3_run, tmp_path):
+    from svd_ray.bundle import read_steering
+
+    cfg, data, out = zero3_run
+    pub = out["published"]
+    assert pub["task"] == cfg.task and pub["version"] == cfg.run_id and not pub["already_published"]
+    logits, path, manifest = _bundle_logits(cfg, pub["version"], tmp_path)
+    torch.testing.assert_close(logits, torch.tensor(out["metrics"]["engine_probe"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, out["probe_logits"], rtol=1e-5, atol=1e-5)
+    steering = read_steering(path)
+    assert steering.mu == pytest.approx(out["accumulator"].mean(), rel=1e-12)
+    assert steering.mean_delta is not None and steering.mean_delta.shape[0] == out["accumulator"].vocab_size
+    meta = manifest.meta
+    assert meta["provenance"]["run_id"] == cfg.run_id
+    assert meta["metrics"]["train"]["steps"] == 4 and meta["metrics"]["calibration"]["workers"] == 2
+    split_ids = meta["splits"]["ids"]
+    assert not set(split_ids["train"]) & set(split_ids["calibration"])
+    assert not set(split_ids["calibration"]) & set(split_ids["eval"])
+    run_info = json.loads((path / "run.json").read_text())
+    assert run_info["metrics"]["train"]["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------ fault tolerance
+
+
+def _zero2_cfg(store, run_id):
+    return tiny_config(store, run_id, training={"max_steps": 8, "checkpoint_every": 2},
+                       cluster={"zero_stage": 2, "max_failures": 2})
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_worker_killed_mid_training_resumes_to_the_same_result(ray_session, tmp_path, monkeypatch):
+    from svd_ray.store import open_store
+    from svd_ray.training.ray_train import ENV_FAIL_AT_STEP, fit, run_ray
+
+    # uninterrupted reference (LoRA dropout 0.1 on: the per-rank RNG state is part of the checkpoint)
+    ref_cfg = _zero2_cfg(tmp_path / "ref", "ref-run")
+    ref = fit(ref_cfg, _data(ref_cfg))
+    assert ref["metrics"]["resumed_from"] == []
+
+    # rank 1 exits (os._exit) right after step 5; checkpoints were reported at steps 2 and 4
+    monkeypatch.setenv(ENV_FAIL_AT_STEP, "5")
+    cfg = _zero2_cfg(tmp_path / "killed", "killed-run")
+    out = fit(cfg, _data(cfg))
+    monkeypatch.delenv(ENV_FAIL_AT_STEP)
+    marker = tmp_path / "killed" / "ray-train" / "killed-run" / ".fault-injected"
+    assert marker.exists(), "the fault was not injected"
+    # resumed from the latest checkpoint (the injected fault waits until Ray Train registered it)
+    assert out["metrics"]["resumed_from"] == [4]
+    assert out["metrics"]["steps"] == 8
+
+    # same data order + restored optimizer/RNG state → the same adapter and μ̄ (documented: ≤ 1e-6 relative)
+    a, _, _ = _bundle_logits(ref_cfg, "ref-run", tmp_path)
+    b, b_path, _ = _bundle_logits(cfg, "killed-run", tmp_path)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    ref_path = open_store(ref_cfg.store).fetch(ref_cfg.task, "ref-run", dest_dir=tmp_path / "f2")[0]
+    ta, tb = _adapter_tensors(ref_path), _adapter_tensors(b_path)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-6, atol=1e-7)
+    for name in ("mean", "median", "sequence"):
+        assert out["mu"][name] == pytest.approx(ref["mu"][name], rel=1e-6), name
+
+    # resubmitting the finished run id resumes from its final checkpoint: no new training, no new version
+    again = run_ray(ref_cfg, log=lambda *_: None)
+    assert again["version"] == "ref-run" and again["mu"] == pytest.approx(ref["mu"]["mean"], rel=1e-12)
+    assert open_store(ref_cfg.store).list_versions(ref_cfg.task) == ["ref-run"]
+
+
+def test_resume_refuses_a_changed_config(ray_session, tmp_path):
+    from svd_ray.training.ray_train import _check_run_record
+
+    cfg = tiny_config(tmp_path / "store", "changed")
+    _check_run_record(cfg)
+    _check_run_record(cfg)  # same config: fine
+    changed = tiny_config(tmp_path / "store", "changed", training={"lr": 0.5})
+    with pytest.raises(ValueError, match="different config"):
+        _check_run_record(changed)
+
+
+# ------------------------------------------------------------------------------------ every method, ZeRO-3 (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "p_tuning_v2"])
+def test_every_method_trains_under_zero3_and_bundle_reproduces(method, ray_session, tmp_path):
+    from svd_ray.training.ray_train import fit
+
+    cfg = tiny_config(tmp_path / "store", peft={"method": method, "dropout": 0.0}, cluster={"zero_stage": 3})
+    data = _data(cfg)
+    out = fit(cfg, data, extra={"probe_text": PROBE})
+    losses, replica_logits = _local_replica(cfg, data.train, world=2)
+    assert out["metrics"]["first_loss"] == pytest.approx(losses[0], rel=1e-5)
+    engine = torch.tensor(out["metrics"]["engine_probe"])
+    torch.testing.assert_close(engine, replica_logits, rtol=1e-4, atol=1e-4)
+    logits, _, _ = _bundle_logits(cfg, out["published"]["version"], tmp_path)
+    torch.testing.assert_close(logits, engine, rtol=1e-5, atol=1e-5)

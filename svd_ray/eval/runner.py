@@ -237,6 +237,18 @@ def metrics_gen(preds: list[dict], items: dict) -> dict[str, list[float]]:
 
 # ------------------------------------------------------------------------------ driver
 def run_evaluation(cfg: EvalConfig, log=print, command: str | None = None) -> dict:
+    """Train/reuse, score and report every family × method; writes results.json/.md/.png."""
+    import ray
+
+    owns_ray = not ray.is_initialized()  # a Ray we start for the scoring shards is stopped at the end
+    try:
+        return _run_evaluation(cfg, log, command)
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
     from svd_ray.store import open_store
     from svd_ray.training.task_data import load_task_data
 

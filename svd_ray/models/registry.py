@@ -105,8 +105,9 @@ def _build_tiny_llama(out: Path) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # deterministic weights without touching the caller's RNG
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(config)
     _atomic_save(out, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
 
 

@@ -41,11 +41,12 @@ class TrainMetrics:
 
 
 def prepare_model(cfg: RunConfig):
-    """Base model + fresh adapter + tokenizer, seeded."""
-    torch.manual_seed(cfg.training.seed)
+    """Base model + fresh adapter + tokenizer. Seeded right before the adapter is built, so the
+    adapter's initialisation never depends on what resolving/loading the base model consumed."""
     ref = resolve_model(cfg.model)
     tokenizer = load_tokenizer(ref)
     base = load_base_model(ref)
+    torch.manual_seed(cfg.training.seed)
     peft_model = build_peft_model(base, cfg.peft.settings())
     return peft_model, tokenizer, ref
 

@@ -39,3 +39,15 @@ def read_tree(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".svd-ray")
     }
+
+
+def publish_in_process(args: tuple[str, str, str]) -> str:
+    """Worker for the multi-process publish race (imported by spawned children: keep it importable)."""
+    from svd_ray.store import ConflictError, open_store
+
+    uri, src, version = args
+    try:
+        open_store(uri).publish("race", src, make_meta(), version=version)
+        return "won"
+    except ConflictError:
+        return "conflict"

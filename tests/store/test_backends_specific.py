@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from svd_ray.store import ConflictError, Manifest, StoreError, open_store, pyarrow_filesystem_for
+from svd_ray.store import Manifest, StoreError, open_store, pyarrow_filesystem_for
 
 from conftest import _client
-from store_helpers import make_bundle, make_meta, read_tree
+from store_helpers import make_bundle, make_meta, publish_in_process, read_tree
 
 
 def test_missing_bucket_is_a_clear_error(moto_endpoint: str, bundle: Path, meta: dict[str, Any]) -> None:
@@ -94,21 +94,14 @@ def test_rgw_large_multipart_file(rgw_endpoint: str, rgw_bucket: str, tmp_path: 
     assert store.verify("t", m.version) == []
 
 
-def _publish_in_process(args: tuple[str, str, str]) -> str:
-    uri, src, version = args
-    try:
-        open_store(uri).publish("race", src, make_meta(), version=version)
-        return "won"
-    except ConflictError:
-        return "conflict"
-
-
 def test_concurrent_publisher_processes_file(tmp_path: Path) -> None:
     uri = f"file://{tmp_path}/store"
     srcs = [str(make_bundle(tmp_path / f"src{i}", seed=f"p{i}")) for i in range(4)]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(4, mp_context=ctx) as pool:
-        results = list(pool.map(_publish_in_process, [(uri, s, "v1") for s in srcs]))
+        # the worker lives in store_helpers: a spawned child must not import this module, whose
+        # ``from conftest import`` can resolve to another test folder's conftest in a full run
+        results = list(pool.map(publish_in_process, [(uri, s, "v1") for s in srcs]))
     assert sorted(results) == ["conflict"] * 3 + ["won"]
     store = open_store(uri, cache_dir=tmp_path / "c")
     assert store.verify("race", "v1") == []

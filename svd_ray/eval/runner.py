@@ -279,13 +279,24 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
             (out_dir / f"rows-{run.run_id}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    render_reports(cfg, results)
+    log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'results.png'} in {results['seconds']} s")
+    return results
+
+
+def render_reports(cfg: EvalConfig, results: dict | None = None) -> None:
+    """Markdown + PNG from the measured results (read back from output_dir/results.json if not given)."""
     from svd_ray.eval.report import plot_results, render_markdown
 
+    out_dir = Path(cfg.output_dir)
+    if results is None:
+        path = out_dir / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run the evaluation first")
+        results = json.loads(path.read_text())
     png = plot_results(results, out_dir / "results.png")
     md = render_markdown(results, cfg, png_path=png)
     (out_dir / "results.md").write_text(md)
     if cfg.results_md:
         Path(cfg.results_md).write_text(md)
-    log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {png} in {results['seconds']} s")
-    return results
 

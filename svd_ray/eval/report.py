@@ -64,8 +64,8 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
     for family, runs in results["runs"].items():
         lines += [f"## {family}", ""]
         sizes = next(iter(runs.values()))["sizes"]
-        lines += [f"Items: {sizes['train']} train / {sizes['calibration']} calibration / {sizes['eval']} eval "
-                  "(eval count includes MC1 and MC2 items for TruthfulQA).", ""]
+        note = " (MC1 and MC2 items: two per question)" if family == "truthfulqa" else ""
+        lines += [f"Items: {sizes['train']} train / {sizes['calibration']} calibration / {sizes['eval']} eval{note}.", ""]
         benches = _benchmarks(runs)
         if family == "truthfulqa":
             benches = [b for b in benches if b.startswith("truthfulqa/")]

@@ -114,7 +114,9 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
                                  f"{_fmt(m['rougeL_acc'])} | {_fmt(m['rougeL_diff'], 1)} |")
         lines.append("")
     if any(f.startswith("commonsense") for f in results["runs"]):
-        lines += ["HellaSwag is not part of the commonsense table: its labelled data is not available offline.", ""]
+        lines += ["`average` is the macro mean of the per-task accuracies (reported without a CI; each task's CI is",
+                  "in its column). HellaSwag is not part of the commonsense table: its labelled data is not",
+                  "available offline.", ""]
     notes = getattr(cfg, "notes_file", None)
     if notes and Path(notes).is_file():
         lines += [Path(notes).read_text().rstrip(), ""]

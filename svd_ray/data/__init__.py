@@ -13,7 +13,7 @@ from .commonsense import (
     load_commonsense_train,
     load_commonsense_train_mix,
 )
-from .jsonl import JSONLFormatError, load_jsonl_gen, load_jsonl_mc, load_jsonl_train, write_jsonl
+from .jsonl import JSONLFileErrors, JSONLFormatError, load_jsonl_gen, load_jsonl_mc, load_jsonl_train, write_jsonl
 from .paths import ENV_VAR, DataUnavailableError, default_data_dir, resolve_data_dir
 from .splits import DEFAULT_FRACTIONS, SplitRecord, ids_digest, make_split
 from .truthfulqa import (
@@ -38,6 +38,7 @@ __all__ = [
     "DataUnavailableError",
     "ENV_VAR",
     "GenItem",
+    "JSONLFileErrors",
     "JSONLFormatError",
     "MCItem",
     "OFFLINE_SPLITS",

@@ -9,14 +9,20 @@ Generation / training (``load_jsonl_gen``, ``load_jsonl_train``)::
 
     {"id": "g1", "prompt": "Q: Capital of France?\\nA:", "answer": " Paris"}
 
-Rules: ``prompt`` a non-empty string; ``choices`` ≥ 2 distinct non-empty strings; exactly one of
+Rules: ``prompt`` a non-blank string; ``choices`` ≥ 2 distinct non-blank strings; exactly one of
 ``label`` (0-based int index) or ``labels`` (0/1 per choice, at least one 1); ``answer`` a
 non-empty string. Generation lines may add ``references`` (more correct answers) and
 ``negatives`` (incorrect answers). ``id`` is optional (default ``"<file stem>-<line number>"``)
 but must be unique; ``source`` is optional (default the file stem). Other keys are ignored.
 Texts are used verbatim: ``prompt + choice`` / ``prompt + answer`` is what the model sees, so put
 the separating space at the start of the choice/answer (``" Paris"``) unless the prompt ends
-with whitespace. Every error names the file, line number and field.
+with whitespace. Every error names the file, line number and field, and a file is checked whole:
+all its errors are reported at once (the first ``MAX_REPORTED`` of them, then a count).
+
+Duplicate options (the same text twice, common in converted benchmarks) are an error by default:
+identical texts get identical scores, so the item cannot be ranked. ``duplicates="merge"`` keeps the
+first copy of each text when all copies carry the same label (a duplicate correct answer stays
+correct) and still refuses copies whose labels disagree (``data.jsonl_duplicates: merge``).
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ from typing import Any
 from .types import GenItem, MCItem, TrainExample
 
 
+MAX_REPORTED = 50
+
+
 class JSONLFormatError(ValueError):
     """A line of a user task file does not follow the documented format."""
 
@@ -36,9 +45,22 @@ class JSONLFormatError(ValueError):
         where = f"{path}:{lineno}" + (f": field {field!r}" if field else "")
         super().__init__(f"{where}: {message}")
         self.path, self.lineno, self.field = path, lineno, field
+        self.errors = [self]
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+class JSONLFileErrors(JSONLFormatError):
+    """Every format error of one file (``errors``), reported together; ``lineno``/``field`` are the first's."""
+
+    def __init__(self, errors: list[JSONLFormatError]):
+        first = errors[0]
+        shown = [str(e) for e in errors[:MAX_REPORTED]]
+        more = len(errors) - len(shown)
+        head = f"{first.path}: {len(errors)} format error{'s' if len(errors) != 1 else ''} (docs/DATA.md §6)"
+        ValueError.__init__(self, "\n".join([head, *shown] + ([f"... and {more} more"] if more else [])))
+        self.path, self.lineno, self.field, self.errors = first.path, first.lineno, first.field, errors
+
+
+def _lines(path: Path, errors: list[JSONLFormatError]) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} not found")
     with open(path, encoding="utf-8") as f:
@@ -48,10 +70,26 @@ def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise JSONLFormatError(path, lineno, None, f"invalid JSON ({err.msg})") from None
+                errors.append(JSONLFormatError(path, lineno, None, f"invalid JSON ({err.msg})"))
+                continue
             if not isinstance(obj, dict):
-                raise JSONLFormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+                errors.append(JSONLFormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
             yield lineno, obj
+
+
+def _load(path: Path, parse_line) -> list:
+    """Parse every line, collecting errors; raise them all together at the end."""
+    errors: list[JSONLFormatError] = []
+    out = []
+    for lineno, obj in _lines(path, errors):
+        try:
+            out.append(parse_line(lineno, obj))
+        except JSONLFormatError as err:
+            errors.append(err)
+    if errors:
+        raise JSONLFileErrors(errors)
+    return out
 
 
 def _string(path: Path, lineno: int, obj: dict, key: str, *, required: bool = True) -> str | None:
@@ -62,8 +100,8 @@ def _string(path: Path, lineno: int, obj: dict, key: str, *, required: bool = Tr
     v = obj[key]
     if not isinstance(v, str):
         raise JSONLFormatError(path, lineno, key, f"must be a string, got {type(v).__name__}")
-    if v == "":
-        raise JSONLFormatError(path, lineno, key, "must not be empty")
+    if not v.strip():
+        raise JSONLFormatError(path, lineno, key, "must not be empty or only whitespace")
     return v
 
 
@@ -74,8 +112,8 @@ def _string_list(path: Path, lineno: int, obj: dict, key: str, *, min_len: int) 
     if len(v) < min_len:
         raise JSONLFormatError(path, lineno, key, f"needs at least {min_len} entries, got {len(v)}")
     for i, s in enumerate(v):
-        if not isinstance(s, str) or s == "":
-            raise JSONLFormatError(path, lineno, f"{key}[{i}]", "must be a non-empty string")
+        if not isinstance(s, str) or not s.strip():
+            raise JSONLFormatError(path, lineno, f"{key}[{i}]", "must be a non-empty string (not only whitespace)")
     return v
 
 
@@ -120,27 +158,56 @@ def _labels(path: Path, lineno: int, obj: dict, n: int) -> list[int]:
     return [int(x) for x in v]
 
 
-def load_jsonl_mc(path: str | os.PathLike[str]) -> list[MCItem]:
+def _dedupe(path: Path, lineno: int, choices: list[str], labels: list[int], duplicates: str) -> tuple[list[str], list[int]]:
+    first: dict[str, int] = {}
+    for i, c in enumerate(choices):
+        if c in first:
+            j = first[c]
+            if duplicates != "merge":
+                raise JSONLFormatError(
+                    path, lineno, "choices",
+                    f"choices must be distinct: choices[{j}] and choices[{i}] are both {c!r} (identical texts score "
+                    "identically; remove one, or set data.jsonl_duplicates: merge to keep the first copy)",
+                )
+            if labels[i] != labels[j]:
+                raise JSONLFormatError(
+                    path, lineno, "labels",
+                    f"choices[{j}] and choices[{i}] are both {c!r} but one is marked correct and one is not",
+                )
+        else:
+            first[c] = i
+    keep = sorted(first.values())
+    if len(keep) < 2:
+        raise JSONLFormatError(path, lineno, "choices", "fewer than 2 distinct choices")
+    return [choices[i] for i in keep], [labels[i] for i in keep]
+
+
+def load_jsonl_mc(path: str | os.PathLike[str], *, duplicates: str = "error") -> list[MCItem]:
+    """Multiple-choice items; ``duplicates``: ``"error"`` (default) or ``"merge"`` (see the module docstring)."""
+    if duplicates not in ("error", "merge"):
+        raise ValueError(f"duplicates must be 'error' or 'merge', got {duplicates!r}")
     path = Path(path)
-    ids, out = _Ids(path), []
-    for lineno, obj in _lines(path):
+    ids = _Ids(path)
+
+    def parse(lineno: int, obj: dict) -> MCItem:
         item_id = ids.take(lineno, obj)
         prompt = _string(path, lineno, obj, "prompt")
         if "choices" not in obj:
             raise JSONLFormatError(path, lineno, "choices", "missing")
         choices = _string_list(path, lineno, obj, "choices", min_len=2)
-        if len(set(choices)) != len(choices):
-            raise JSONLFormatError(path, lineno, "choices", "choices must be distinct")
         labels = _labels(path, lineno, obj, len(choices))
+        choices, labels = _dedupe(path, lineno, choices, labels, duplicates)
         source = _string(path, lineno, obj, "source", required=False) or path.stem
-        out.append(MCItem(id=item_id, prompt=prompt, choices=choices, labels=labels, source=source))
-    return out
+        return MCItem(id=item_id, prompt=prompt, choices=choices, labels=labels, source=source)
+
+    return _load(path, parse)
 
 
 def load_jsonl_gen(path: str | os.PathLike[str]) -> list[GenItem]:
     path = Path(path)
-    ids, out = _Ids(path), []
-    for lineno, obj in _lines(path):
+    ids = _Ids(path)
+
+    def parse(lineno: int, obj: dict) -> GenItem:
         item_id = ids.take(lineno, obj)
         prompt = _string(path, lineno, obj, "prompt")
         answer = _string(path, lineno, obj, "answer")
@@ -148,19 +215,22 @@ def load_jsonl_gen(path: str | os.PathLike[str]) -> list[GenItem]:
         negatives = _string_list(path, lineno, obj, "negatives", min_len=0)
         refs = list(dict.fromkeys([answer, *extra]))
         source = _string(path, lineno, obj, "source", required=False) or path.stem
-        out.append(GenItem(id=item_id, prompt=prompt, references=refs, negatives=negatives, source=source))
-    return out
+        return GenItem(id=item_id, prompt=prompt, references=refs, negatives=negatives, source=source)
+
+    return _load(path, parse)
 
 
 def load_jsonl_train(path: str | os.PathLike[str]) -> list[TrainExample]:
     path = Path(path)
-    ids, out = _Ids(path), []
-    for lineno, obj in _lines(path):
+    ids = _Ids(path)
+
+    def parse(lineno: int, obj: dict) -> TrainExample:
         item_id = ids.take(lineno, obj)
         prompt = _string(path, lineno, obj, "prompt")
         answer = _string(path, lineno, obj, "answer")
-        out.append(TrainExample(prompt=prompt, answer=answer, id=item_id))
-    return out
+        return TrainExample(prompt=prompt, answer=answer, id=item_id)
+
+    return _load(path, parse)
 
 
 def write_jsonl(path: str | os.PathLike[str], items: list[MCItem] | list[GenItem] | list[TrainExample]) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from svd_ray.config import CalibrationConfig, TrainingConfig, _Strict, default_store_uri
+from svd_ray.config import CalibrationConfig, DataConfig, TrainingConfig, _Strict, default_store_uri
 
 Method = Literal["lora", "ia3", "prompt_tuning", "p_tuning_v2"]
 
@@ -21,6 +21,8 @@ class FamilyConfig(_Strict):
     eval_size: int | None = Field(None, gt=0)  # per benchmark (questions for TruthfulQA)
     gen_size: int = Field(0, ge=0)  # generation items scored (TruthfulQA generation); 0 = skip
     gen_max_new_tokens: int = Field(40, gt=0)
+    split_fractions: dict[str, float] = Field(default_factory=lambda: DataConfig().split_fractions)  # jsonl tasks
+    jsonl_duplicates: Literal["error", "merge"] = "error"
 
 
 class EvalConfig(_Strict):
@@ -36,7 +38,7 @@ class EvalConfig(_Strict):
     output_dir: str = "out/eval"
     results_md: str | None = None  # e.g. docs/RESULTS.md
     notes_file: str | None = None  # markdown appended verbatim (the human analysis of the numbers)
-    num_shards: int = Field(2, gt=0)  # Ray tasks scoring eval items in parallel
+    num_shards: int = Field(2, gt=0)  # Ray actors scoring eval items in parallel
     threads_per_shard: int = Field(1, gt=0)
     reuse_bundles: bool = True  # skip training when the store holds a bundle of the identical run config
     bootstrap_resamples: int = Field(2000, gt=99)

@@ -34,7 +34,8 @@ def _benchmarks(runs: dict) -> list[str]:
     return list(first["metrics"])
 
 
-def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
+def render_markdown(results: dict, cfg, png_link: str | None = None) -> str:
+    """The report; ``png_link`` is the plot's path relative to where this markdown file is written."""
     c = results["config"]
     lines = [
         "# Results",
@@ -59,8 +60,8 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
         "tokens outside the mask scored log(1e-10). See docs/ARCHITECTURE.md.",
         "",
     ]
-    if png_path is not None:
-        lines += [f"![results]({Path(png_path).name if cfg.results_md is None else 'results/' + Path(png_path).name})", ""]
+    if png_link is not None:
+        lines += [f"![results]({png_link})", ""]
     for family, runs in results["runs"].items():
         lines += [f"## {family}", ""]
         sizes = next(iter(runs.values()))["sizes"]
@@ -82,7 +83,7 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
             cells = [_fmt(run["svdecode_minus_peft"].get(b)) for b in benches]
             lines.append(f"| {method} | Δ SVDecode − PEFT | " + " | ".join(cells) + " |")
         lines += ["", "μ̄ per method (the default estimator is used for `PEFT + SVDecode`):", "",
-                  "| method | μ̄ mean | μ̄ median | μ̄ sequence | μ̄ trimmed | μ* std | calibration tokens | train steps | seconds |",
+                  "| method | μ̄ mean | μ̄ median | μ̄ sequence | μ̄ trimmed | μ* std | calibration tokens | train steps | train + calibration s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for method, run in runs.items():
             e = run["mu_estimates"]
@@ -90,7 +91,7 @@ def render_markdown(results: dict, cfg, png_path: Path | None = None) -> str:
             tr = run["training"].get("train", {})
             lines.append(f"| {method} | {e['mean']:+.4f} | {e['median']:+.4f} | {e['sequence']:+.4f} | "
                          f"{e['trimmed_mean']:+.4f} | {std if std is None else f'{std:.3g}'} | "
-                         f"{run['training'].get('calibration_tokens', '–')} | {tr.get('steps', '–')} | {run['seconds']} |")
+                         f"{run['training'].get('calibration_tokens', '–')} | {tr.get('steps', '–')} | {run['training'].get('seconds', '–')} |")
         lines += ["", "Ablations (same logits; main metric of each benchmark):", ""]
         main = [b for b in benches if b.endswith(("/mc1", "/mc2", "/acc"))]
         lines += ["| method | variant | " + " | ".join(main) + " |", "|---|---|" + "---|" * len(main)]

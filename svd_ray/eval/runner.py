@@ -7,6 +7,7 @@ same logits (``svd_ray.eval.mc_eval``), so columns differ only in how logits are
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,9 +35,20 @@ ABLATIONS = (
 
 
 def run_config_for(cfg: EvalConfig, family, method: str) -> RunConfig:
+    """The run (and store task name) of one cell. The name ends in a hash of every setting that changes the
+    trained bundle, so two configs never share a task name (and "latest" of a task is always the same
+    config); the readable prefix is truncated, the hash never is."""
     slug = re.sub(r"[^a-z0-9]+", "-", family.task.lower()).strip("-")[:24]
+    run = _run_config(cfg, family, method, "pending")
+    settings = {k: v for k, v in run.model_dump().items() if k not in ("run_id", "task_name", "store")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    prefix = f"{cfg.name}-{slug}-{method.replace('_', '-')}"[: 63 - 9].rstrip("-.")
+    return run.model_copy(update={"run_id": f"{prefix}-{digest}"})
+
+
+def _run_config(cfg: EvalConfig, family, method: str, run_id: str) -> RunConfig:
     return RunConfig(
-        run_id=f"{cfg.name}-{slug}-{method.replace('_', '-')}"[:63],
+        run_id=run_id,
         model=cfg.model,
         peft=PeftConfig(method=method),
         data=DataConfig(
@@ -46,6 +58,8 @@ def run_config_for(cfg: EvalConfig, family, method: str) -> RunConfig:
             train_size=family.train_size,
             calibration_size=family.calibration_size,
             eval_size=family.eval_size,
+            split_fractions=family.split_fractions,
+            jsonl_duplicates=family.jsonl_duplicates,
         ),
         training=cfg.training,
         calibration=cfg.calibration,
@@ -89,43 +103,66 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
     return manifest.version, info
 
 
-def _shards(items: list, n: int) -> list[list]:
-    return [items[i::n] for i in range(n) if items[i::n]]
+class _Scorer:
+    """A Ray actor per shard: loads the task bundle once, then scores the chunks the driver hands it (so
+    the driver sees progress item by item, and a chunk lost with a crashed actor is retried)."""
 
+    def __init__(self, bundle_path: str, model: str, threads: int):
+        import torch
 
-def _score_shard(bundle_path: str, model: str, mc_items: list, gen_items: list, gen_tokens: int, threads: int):
-    """Runs inside a Ray task: load the task once, score its MC items, generate for its gen items."""
-    import torch
+        from svd_ray.engine import TaskModel
+        from svd_ray.eval.mc_eval import standard_variants
 
-    from svd_ray.decoding import GenerationConfig, SharedPrefix
-    from svd_ray.engine import TaskModel
-    from svd_ray.eval.mc_eval import score_items, standard_variants
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+        self.tm = TaskModel.from_bundle(bundle_path, model=model)
+        d = self.tm.data
+        self.variants = standard_variants(d.mu, d.alpha, d.mean_delta, d.estimates)
+        self.prefix, self.prefix_ids = None, None
 
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    tm = TaskModel.from_bundle(bundle_path, model=model)
-    d = tm.data
-    variants = standard_variants(d.mu, d.alpha, d.mean_delta, d.estimates)
-    prefix = None
-    prompts = [i.prompt for i in mc_items]
-    if len(set(prompts)) > 1:  # a few-shot primer shared by all prompts is encoded once
-        ids = [tm.tokenizer(p)["input_ids"] for p in sorted(set(prompts))[:2]]
-        common = next((k for k, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
-        if common >= 32:
-            prefix = SharedPrefix(tm.dual, ids[0][: common - 1])
-    rows = score_items(tm.dual, tm.tokenizer, mc_items, variants, prefix=prefix)
-    gens = []
-    if gen_items:
+    def _shared_prefix(self, prompts: list[str]):
+        """A few-shot primer shared by all prompts is encoded once per actor (not once per chunk)."""
+        from svd_ray.decoding import SharedPrefix
+
+        if self.prefix is None and len(set(prompts)) > 1:
+            ids = [self.tm.tokenizer(p)["input_ids"] for p in sorted(set(prompts))[:2]]
+            common = next((k for k, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+            if common >= 32:
+                self.prefix_ids = ids[0][: common - 1]
+                self.prefix = SharedPrefix(self.tm.dual, self.prefix_ids)
+        if self.prefix is not None:  # only if every prompt of this chunk starts with it
+            for p in prompts:
+                if self.tm.tokenizer(p)["input_ids"][: len(self.prefix_ids)] != self.prefix_ids:
+                    return None
+        return self.prefix
+
+    def score(self, mc_items: list) -> list[dict]:
+        from svd_ray.eval.mc_eval import score_items
+
+        prompts = [i.prompt for i in mc_items]
+        return score_items(self.tm.dual, self.tm.tokenizer, mc_items, self.variants, prefix=self._shared_prefix(prompts))
+
+    def generate(self, gen_items: list, gen_tokens: int) -> list[dict]:
+        from svd_ray.decoding import GenerationConfig
+
+        gens = []
         gen = GenerationConfig(max_new_tokens=gen_tokens, stop_strings=("\n\n", "\nQ:"))
         for mode in ("off", "svdecode"):
-            outs = tm.generate([g.prompt for g in gen_items], gen, tm.steering(mode=mode))
+            outs = self.tm.generate([g.prompt for g in gen_items], gen, self.tm.steering(mode=mode))
             for g, o in zip(gen_items, outs):
                 gens.append({"id": g.id, "mode": mode, "text": o.text.strip()})
-    return rows, gens
+        return gens
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def score_distributed(cfg: EvalConfig, bundle_path: str, data, log) -> tuple[list[dict], list[dict]]:
+    """Score the eval items on ``num_shards`` actors, fed chunk by chunk; progress with ETA on the driver."""
     import ray
+
+    from svd_ray.progress import Progress
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -135,25 +172,42 @@ def score_distributed(cfg: EvalConfig, bundle_path: str, data, log) -> tuple[lis
         else:  # embedded default: a local Ray just big enough for the shards
             ray.init(num_cpus=max(cfg.num_shards * cfg.threads_per_shard, 1), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-    task = ray.remote(num_cpus=cfg.threads_per_shard, max_retries=2)(_score_shard)
+    if not os.environ.get("RAY_ADDRESS"):  # local shards share this cache: prepare the model once, here
+        from svd_ray.models import resolve_model
+
+        resolve_model(cfg.model)
     family = next(f for f in cfg.families if f.task == data.name or data.name.startswith(f.task))
     gen_items = data.eval_gen[: family.gen_size]
-    mc_shards = _shards(data.eval_mc, cfg.num_shards)
-    gen_shards = _shards(gen_items, len(mc_shards)) if gen_items else []
-    refs = [
-        task.remote(bundle_path, cfg.model, shard, gen_shards[i] if i < len(gen_shards) else [],
-                    family.gen_max_new_tokens, cfg.threads_per_shard)
-        for i, shard in enumerate(mc_shards)
-    ]
+    n_actors = max(1, min(cfg.num_shards, len(data.eval_mc)))
+    actor_cls = ray.remote(num_cpus=cfg.threads_per_shard, max_restarts=2, max_task_retries=2)(_Scorer)
+    actors = [actor_cls.remote(bundle_path, cfg.model, cfg.threads_per_shard) for _ in range(n_actors)]
+    size = max(1, min(16, -(-len(data.eval_mc) // (n_actors * 8))))  # ~8 chunks per actor, ≤ 16 items each
+    queue = _chunks(list(data.eval_mc), size)
+    gen_queue = _chunks(gen_items, max(1, -(-len(gen_items) // n_actors))) if gen_items else []
     rows, gens = [], []
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        r, g = ray.get(ready[0])
-        rows += r
-        gens += g
-        done += 1
-        log(f"  scored shard {done}/{len(refs)} ({len(rows)}/{len(data.eval_mc)} items)")
+    busy: dict = {}
+    meter = Progress(len(data.eval_mc) + len(gen_items), "  scoring", unit="item", write=log)
+
+    def feed(actor) -> None:
+        if queue:
+            chunk = queue.pop(0)
+            busy[actor.score.remote(chunk)] = (actor, "mc", len(chunk))
+        elif gen_queue:
+            chunk = gen_queue.pop(0)
+            busy[actor.generate.remote(chunk, family.gen_max_new_tokens)] = (actor, "gen", len(chunk))
+
+    try:
+        for actor in actors:
+            feed(actor)
+        while busy:
+            ready, _ = ray.wait(list(busy), num_returns=1)
+            actor, kind, n = busy.pop(ready[0])
+            (rows if kind == "mc" else gens).extend(ray.get(ready[0]))
+            meter.update(n)
+            feed(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     order = {(i.source, i.id): n for n, i in enumerate(data.eval_mc)}
     rows.sort(key=lambda r: order[(r["source"], r["id"])])
     return rows, gens
@@ -263,6 +317,8 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
             t0 = time.perf_counter()
             data = load_task_data(run.data)
             log(f"  data: {len(data.train)} train / {len(data.calibration)} calibration / {len(data.eval_mc)} eval items")
+            for note in data.notes:
+                log(f"  note: {note}")
             version, train_info = train_or_reuse(cfg, run, data, log)
             store = open_store(run.store)
             path, manifest = store.fetch(run.task, version)
@@ -295,8 +351,8 @@ def render_reports(cfg: EvalConfig, results: dict | None = None) -> None:
             raise FileNotFoundError(f"{path} does not exist: run the evaluation first")
         results = json.loads(path.read_text())
     png = plot_results(results, out_dir / "results.png")
-    md = render_markdown(results, cfg, png_path=png)
-    (out_dir / "results.md").write_text(md)
-    if cfg.results_md:
-        Path(cfg.results_md).write_text(md)
+    targets = [out_dir / "results.md"] + ([Path(cfg.results_md)] if cfg.results_md else [])
+    for md_path in targets:  # the image link is relative to each file's own folder
+        link = None if png is None else os.path.relpath(Path(png).resolve(), md_path.resolve().parent)
+        md_path.write_text(render_markdown(results, cfg, png_link=link))
 

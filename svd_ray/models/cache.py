@@ -107,9 +107,8 @@ def entry_problems(folder: Path, check: Callable[[Path], list[str]] | None = Non
 
 
 def _say(message: str) -> None:
-    """One line to stderr (visible in Ray worker logs and CLIs alike; logging's last-resort handler would
-    print a second copy, so the logger only gets it at INFO)."""
-    log.info(message)
+    """One line to stderr (visible in Ray worker logs and CLIs alike). Not also logged: under Ray the
+    worker's log handler would forward a second copy of the same line."""
     print(f"svd-ray: {message}", file=sys.stderr, flush=True)
 
 

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .backends import Backend, ObjectInfo
+from .backends import Backend, LocalBackend, ObjectInfo
 from .errors import (
     ConflictError,
     IntegrityError,
@@ -62,9 +62,13 @@ _T = TypeVar("_T")
 
 
 def default_cache_dir() -> Path:
-    """``$SVD_RAY_CACHE_DIR`` or ``~/.cache/svd-ray/bundles``."""
+    """``$SVD_RAY_CACHE_DIR``, else ``$SVD_RAY_CACHE/bundles`` (the one cache root models also use), else
+    ``~/.cache/svd-ray/bundles``."""
     env = os.environ.get("SVD_RAY_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "svd-ray" / "bundles"
+    if env:
+        return Path(env).expanduser()
+    root = os.environ.get("SVD_RAY_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "svd-ray") / "bundles"
 
 
 def sha256_file(path: Path) -> str:
@@ -380,7 +384,8 @@ class BundleStore:
 
         ``version``: a name, ``latest`` (newest complete) or ``promoted`` (the promoted pointer; no
         fallback: :class:`NotFoundError` if nothing was promoted). ``dest_dir`` defaults to
-        ``<cache_dir>/<task>/<version>``. ``expect`` (``base_model_id``, ``weights_sha256``,
+        ``<cache_dir>/<task>/<version>`` for remote stores; a ``file://`` store's own (verified, immutable)
+        version folder is returned without a copy. ``expect`` (``base_model_id``, ``weights_sha256``,
         ``tokenizer_sha256`` or dotted meta paths; ``None`` values skipped) is checked against the manifest
         before anything is downloaded: :class:`MismatchError`. Any size/sha256 difference or missing file
         raises :class:`IntegrityError` and nothing is installed at ``dest_dir``.
@@ -394,6 +399,8 @@ class BundleStore:
                     f"{self._where(task, version)} does not match the served base model: " + "; ".join(problems)
                 )
         user_dest = dest_dir is not None
+        if not user_dest and isinstance(self.backend, LocalBackend):
+            return self._verified_in_place(m), m  # a local store's files are already on this disk
         dest = Path(dest_dir).expanduser() if dest_dir is not None else self.cache_dir / task / version
         dest = dest.absolute()
         try:
@@ -413,6 +420,23 @@ class BundleStore:
         except OSError as exc:
             raise StoreError(f"cannot install {self._where(task, version)} into {dest}: {exc}") from exc
         return dest, m
+
+    def _verified_in_place(self, m: Manifest) -> Path:
+        """The version's data folder inside a ``file://`` store, after checking every file's size and sha256
+        (versions are immutable, so no copy is needed; a bundle is a few MB, hashing it is cheap)."""
+        where = self._where(m.task, m.version)
+        folder = self.backend._path(f"{self._version_prefix(m.task, m.version)}{m.data_prefix}")
+        for f in m.files:
+            p = folder.joinpath(*f.path.split("/"))
+            if not p.is_file():
+                raise IntegrityError(f"{where}: file {f.path!r} is missing from the store (partial or deleted bundle)")
+            if p.stat().st_size != f.size:
+                raise IntegrityError(
+                    f"{where}: file {f.path!r} has {p.stat().st_size} bytes, manifest says {f.size} (truncated or corrupt)"
+                )
+            if sha256_file(p) != f.sha256:
+                raise IntegrityError(f"{where}: file {f.path!r} fails its sha256 check (corrupt)")
+        return folder
 
     def _download_verified(self, m: Manifest, tmp: Path) -> None:
         prefix = f"{self._version_prefix(m.task, m.version)}{m.data_prefix}/"

@@ -38,7 +38,8 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 
 def calibrate_shard(peft_model, tokenizer, examples, *, alpha: float, batch_size: int, max_length: int,
-                    rank: int = 0, world_size: int = 1) -> MuAccumulator:
+                    rank: int = 0, world_size: int = 1, progress: str | None = None,
+                    progress_write=None) -> MuAccumulator:
     """This rank's partial accumulator (no communication)."""
     return calibrate(
         DualModel(peft_model),
@@ -47,11 +48,13 @@ def calibrate_shard(peft_model, tokenizer, examples, *, alpha: float, batch_size
         alpha=alpha,
         batch_size=batch_size,
         max_length=max_length,
+        progress=progress,
+        progress_write=progress_write,
     )
 
 
 def calibrate_distributed(peft_model, tokenizer, examples, *, alpha: float, batch_size: int, max_length: int,
-                          group=None) -> MuAccumulator:
+                          group=None, progress: str | None = None, progress_write=None) -> MuAccumulator:
     """Calibrate this rank's shard and all-reduce: every rank returns the whole-split accumulator.
 
     Without an initialised ``torch.distributed`` process group this is the single-process calibration.
@@ -62,7 +65,8 @@ def calibrate_distributed(peft_model, tokenizer, examples, *, alpha: float, batc
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
     acc = calibrate_shard(peft_model, tokenizer, examples, alpha=alpha, batch_size=batch_size,
-                          max_length=max_length, rank=rank, world_size=world)
+                          max_length=max_length, rank=rank, world_size=world,
+                          progress=progress if rank == 0 else None, progress_write=progress_write)
     if acc.sum_delta is None:  # keep the flat all-reduce layout identical on every rank
         acc.sum_delta = torch.zeros(peft_model.get_base_model().config.vocab_size, dtype=torch.float64)
     if distributed and world > 1:

@@ -73,7 +73,7 @@ def train_local(peft_model, tokenizer, examples, cfg: RunConfig, log=print) -> T
     metrics = TrainMetrics()
     peft_model.train()
     start = time.perf_counter()
-    epoch = 0
+    epoch, logged_at = 0, 0
     while metrics.steps < total:
         for batch in batches(tokenizer, epoch_order(examples, tc.seed, epoch), tc.batch_size, tc.max_length, tc.loss_on):
             loss, n_tok = causal_lm_loss(dual, batch)
@@ -85,14 +85,16 @@ def train_local(peft_model, tokenizer, examples, cfg: RunConfig, log=print) -> T
             value = float(loss.detach())
             metrics.losses.append(value)
             metrics.first_loss = value if metrics.first_loss is None else metrics.first_loss
-            metrics.last_loss = value
-            if metrics.steps % tc.log_every == 0 or metrics.steps == total:
+            if metrics.steps == 1 or metrics.steps % tc.log_every == 0 or metrics.steps == total:
+                # the printed loss is the mean since the last line (as on Ray Train); last_loss is that number
                 elapsed = time.perf_counter() - start
                 rate = metrics.tokens / elapsed if elapsed else 0.0
                 eta = elapsed / metrics.steps * (total - metrics.steps)
-                recent = metrics.losses[-tc.log_every :]
+                recent = metrics.losses[logged_at:]
+                logged_at = len(metrics.losses)
+                metrics.last_loss = sum(recent) / len(recent)
                 log(
-                    f"step {metrics.steps}/{total}  loss {sum(recent) / len(recent):.4f}  "
+                    f"step {metrics.steps}/{total}  loss {metrics.last_loss:.4f}  "
                     f"{rate:.0f} tok/s  eta {eta:.0f}s"
                 )
             if metrics.steps >= total:
@@ -103,7 +105,7 @@ def train_local(peft_model, tokenizer, examples, cfg: RunConfig, log=print) -> T
     return metrics
 
 
-def calibrate_local(peft_model, tokenizer, examples, cfg: RunConfig) -> MuAccumulator:
+def calibrate_local(peft_model, tokenizer, examples, cfg: RunConfig, progress: str | None = "calibrating μ̄") -> MuAccumulator:
     return calibrate(
         DualModel(peft_model),
         tokenizer,
@@ -111,4 +113,5 @@ def calibrate_local(peft_model, tokenizer, examples, cfg: RunConfig) -> MuAccumu
         alpha=cfg.calibration.alpha,
         batch_size=cfg.calibration.batch_size,
         max_length=cfg.training.max_length,
+        progress=progress,
     )

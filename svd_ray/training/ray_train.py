@@ -360,7 +360,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     log0(f"calibrating μ̄ on {len(examples)} examples over {world} worker(s)")
     acc = calibrate_distributed(
         peft_model, tokenizer, examples, alpha=cfg.calibration.alpha, batch_size=cfg.calibration.batch_size,
-        max_length=cfg.training.max_length, group=cpu_group,
+        max_length=cfg.training.max_length, group=cpu_group, progress=f"{tag} calibrating (rank 0 shard)",
+        progress_write=_emit,
     )
     cal_metrics = {"examples": len(examples), "tokens": acc.count, "workers": world,
                    "seconds": round(time.perf_counter() - t_cal, 3)}
@@ -636,9 +637,18 @@ def run_ray(cfg: RunConfig, log=print, *, address: str | None = None, task_data=
     data = task_data if task_data is not None else load_task_data(cfg.data)
     log(f"task {data.name}: {len(data.train)} train / {len(data.calibration)} calibration / {len(data.eval_mc)} eval "
         f"(split seed {cfg.data.seed})")
+    for note in data.notes:
+        log(f"note: {note}")
     log(f"Ray Train: {cfg.cluster.num_workers} worker(s), {'GPU' if cfg.cluster.use_gpu else 'CPU'}, "
         f"DeepSpeed ZeRO-{cfg.cluster.zero_stage} {cfg.cluster.precision}; run {cfg.run_id} "
         f"(checkpoints in {train_storage(cfg)[1]})")
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # Local cluster: the workers share this machine's cache, so prepare the base model once here
+        # instead of letting N workers wait on one another's build (they still re-check it, and on a
+        # multi-node cluster each node builds once under the cache lock).
+        from svd_ray.models import resolve_model
+
+        resolve_model(cfg.model)
     _ensure_ray(address)
     out = fit(cfg, data)
     acc = out["accumulator"]

@@ -39,15 +39,23 @@ def accumulate_calibration(
     acc.add_logits(z_phi, z_theta, shifted_labels(batch["labels"]), alpha)
 
 
-def calibrate(dual: DualModel, tokenizer, examples, alpha: float, batch_size: int, max_length: int) -> MuAccumulator:
-    """μ* statistics (and mean δ) over ``examples``' answer tokens."""
+def calibrate(dual: DualModel, tokenizer, examples, alpha: float, batch_size: int, max_length: int,
+              progress: str | None = None, progress_write=None) -> MuAccumulator:
+    """μ* statistics (and mean δ) over ``examples``' answer tokens. ``progress``: label of a progress line
+    (with ETA), written by ``progress_write`` (default stderr); ``None`` for none."""
+    from svd_ray.progress import Progress
+
     acc = MuAccumulator(vocab_size=dual.core.config.vocab_size)
     was_training = dual.peft_model.training
     dual.peft_model.eval()  # no dropout while measuring
+    meter = Progress(-(-len(examples) // batch_size), progress or "", unit="batch", enabled=progress is not None,
+                     write=progress_write)
     try:
         for batch in batches(tokenizer, examples, batch_size, max_length, loss_on="answer"):
             batch = {k: v.to(dual.device) for k, v in batch.items()}
             accumulate_calibration(dual, batch, acc, alpha)
+            meter.update()
     finally:
+        meter.close()
         dual.peft_model.train(was_training)
     return acc

@@ -11,8 +11,9 @@ Task specs:
                           test files of BoolQ, PIQA, SIQA, WinoGrande, ARC-e, ARC-c, OBQA
   commonsense:<task>      the same for one task (PIQA/SIQA/WinoGrande have no train split offline:
                           their test file is split into train / calibration / eval)
-  jsonl:<path>            a user task in the documented JSONL format (docs/DATA.md): every line
-                          is an MC item; split by item id into train / calibration / eval
+  jsonl:<path>            a user task in the documented JSONL format (docs/DATA.md §6): every line
+                          is an MC item; split by item id into train / calibration / eval with
+                          ``data.split_fractions`` (default 0.4 / 0.1 / 0.5, seeded)
 ``eval_size`` caps eval items per task (questions for TruthfulQA), ``train_size`` training
 examples, ``calibration_size`` calibration examples; subsamples are seeded.
 """
@@ -25,7 +26,6 @@ from svd_ray.config import DataConfig
 from svd_ray.data import GenItem, MCItem, TrainExample, make_split
 
 COMMONSENSE_EVAL = ("boolq", "piqa", "siqa", "winogrande", "arc_e", "arc_c", "obqa")
-HELD_OUT_FRACTIONS = {"train": 0.4, "calibration": 0.1, "eval": 0.5}
 
 
 @dataclass
@@ -36,10 +36,13 @@ class TaskData:
     eval_mc: list[MCItem]  # item.source tells the benchmark (e.g. truthfulqa_mc1, arc_e)
     eval_gen: list[GenItem] = field(default_factory=list)
     split: dict = field(default_factory=dict)  # SplitRecord.to_dict(): goes into manifests
+    notes: list[str] = field(default_factory=list)  # e.g. a requested size larger than the pool
 
 
-def _cap(items: list, n: int | None, seed: int) -> list:
+def _cap(items: list, n: int | None, seed: int, notes: list[str] | None = None, what: str = "") -> list:
     if n is None or n >= len(items):
+        if n is not None and n > len(items) and notes is not None:
+            notes.append(f"data.{what} = {n} but the split holds {len(items)}: using {len(items)}")
         return list(items)
     keep = set(random.Random(seed).sample(range(len(items)), n))
     return [x for i, x in enumerate(items) if i in keep]  # keep file order
@@ -93,7 +96,7 @@ def _commonsense(cfg: DataConfig, only: str | None) -> TaskData:
             eval_mc += load_commonsense_mc(t, "test", cfg.data_dir, limit=cfg.eval_size, seed=cfg.seed)
         else:  # no offline train split: hold parts of the test file apart for training/calibration
             items = load_commonsense_mc(t, "test", cfg.data_dir)
-            rec = make_split([i.id for i in items], HELD_OUT_FRACTIONS, seed=cfg.seed, dataset=t)
+            rec = make_split([i.id for i in items], cfg.split_fractions, seed=cfg.seed, dataset=t)
             by_id = {i.id: i for i in items}
             train_pool += [_answer_example(by_id[i]) for i in rec["train"] + rec["calibration"]]
             eval_mc += _cap([by_id[i] for i in rec["eval"]], cfg.eval_size, cfg.seed)
@@ -116,15 +119,18 @@ def _commonsense(cfg: DataConfig, only: str | None) -> TaskData:
 def _jsonl(cfg: DataConfig, path: str) -> TaskData:
     from svd_ray.data import load_jsonl_mc
 
-    items = load_jsonl_mc(path)
-    rec = make_split([i.id for i in items], HELD_OUT_FRACTIONS, seed=cfg.seed, dataset=path)
+    items = load_jsonl_mc(path, duplicates=cfg.jsonl_duplicates)
+    rec = make_split([i.id for i in items], cfg.split_fractions, seed=cfg.seed, dataset=path)
     by_id = {i.id: i for i in items}
+    notes: list[str] = []
     return TaskData(
         name=f"jsonl:{path}",
-        train=_cap([_answer_example(by_id[i]) for i in rec["train"]], cfg.train_size, cfg.seed),
-        calibration=_cap([_answer_example(by_id[i]) for i in rec["calibration"]], cfg.calibration_size, cfg.seed),
-        eval_mc=_cap([by_id[i] for i in rec["eval"]], cfg.eval_size, cfg.seed),
+        train=_cap([_answer_example(by_id[i]) for i in rec["train"]], cfg.train_size, cfg.seed, notes, "train_size"),
+        calibration=_cap([_answer_example(by_id[i]) for i in rec["calibration"]], cfg.calibration_size, cfg.seed,
+                         notes, "calibration_size"),
+        eval_mc=_cap([by_id[i] for i in rec["eval"]], cfg.eval_size, cfg.seed, notes, "eval_size"),
         split=rec.to_dict(),
+        notes=notes,
     )
 
 

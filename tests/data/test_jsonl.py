@@ -43,11 +43,11 @@ def test_gen_and_train_valid(tmp_path):
         ('{"id": "x", "prompt": ', 2, None, "invalid JSON"),
         ([1, 2], 2, None, "expected a JSON object"),
         ({"id": "b", "choices": [" a", " b"], "label": 0}, 2, "prompt", "missing"),
-        ({"id": "b", "prompt": "", "choices": [" a", " b"], "label": 0}, 2, "prompt", "must not be empty"),
+        ({"id": "b", "prompt": "", "choices": [" a", " b"], "label": 0}, 2, "prompt", "must not be empty or only whitespace"),
         ({"id": "b", "prompt": "P", "label": 0}, 2, "choices", "missing"),
         ({"id": "b", "prompt": "P", "choices": [" a"], "label": 0}, 2, "choices", "at least 2"),
         ({"id": "b", "prompt": "P", "choices": [" a", 3], "label": 0}, 2, "choices[1]", "non-empty string"),
-        ({"id": "b", "prompt": "P", "choices": [" a", " a"], "label": 0}, 2, "choices", "distinct"),
+        ({"id": "b", "prompt": "P", "choices": [" a", " a"], "label": 0}, 2, "choices", "are both ' a'"),
         ({"id": "b", "prompt": "P", "choices": [" a", " b"], "label": 2}, 2, "label", "out of range"),
         ({"id": "b", "prompt": "P", "choices": [" a", " b"], "label": True}, 2, "label", "integer index"),
         ({"id": "b", "prompt": "P", "choices": [" a", " b"]}, 2, "label", "exactly one of"),
@@ -93,3 +93,36 @@ def test_roundtrip(tmp_path):
     gsrc = _file(tmp_path, [{"id": "g", "prompt": "P", "answer": " a", "negatives": [" b"]}], "g.jsonl")
     write_jsonl(out, load_jsonl_gen(gsrc))
     assert load_jsonl_gen(out)[0].negatives == [" b"]
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path):
+    good = {"prompt": "P", "choices": [" a", " b"], "label": 0}
+    p = _file(tmp_path, [good, "{not json", good, {"prompt": "P", "choices": [" a", " a"], "label": 0},
+                         {"prompt": "P", "choices": [" a", "   "], "label": 0}, good])
+    with pytest.raises(JSONLFormatError) as err:
+        load_jsonl_mc(p)
+    found = [(e.lineno, e.field) for e in err.value.errors]
+    assert found == [(2, None), (4, "choices"), (5, "choices[1]")]
+    text = str(err.value)
+    assert "3 format errors" in text and f"{p}:2" in text and f"{p}:4: field 'choices'" in text
+    assert f"{p}:5: field 'choices[1]'" in text
+
+
+def test_reported_errors_are_capped(tmp_path):
+    from svd_ray.data.jsonl import MAX_REPORTED
+
+    p = _file(tmp_path, ["{bad"] * (MAX_REPORTED + 7))
+    with pytest.raises(JSONLFormatError) as err:
+        load_jsonl_mc(p)
+    assert len(err.value.errors) == MAX_REPORTED + 7
+    assert f"... and 7 more" in str(err.value) and str(err.value).count(": invalid JSON") == MAX_REPORTED
+
+
+def test_duplicate_choices_merge_when_labels_agree(tmp_path):
+    p = _file(tmp_path, [{"prompt": "P", "choices": [" a", " b", " a", " c"], "labels": [1, 0, 1, 0]},
+                         {"prompt": "P", "choices": [" a", " b", " b"], "label": 0}])
+    items = load_jsonl_mc(p, duplicates="merge")
+    assert [(i.choices, i.labels) for i in items] == [([" a", " b", " c"], [1, 0, 0]), ([" a", " b"], [1, 0])]
+    bad = _file(tmp_path, [{"prompt": "P", "choices": [" a", " b", " a"], "labels": [1, 0, 0]}], "bad.jsonl")
+    with pytest.raises(JSONLFormatError, match="one is marked correct and one is not"):
+        load_jsonl_mc(bad, duplicates="merge")

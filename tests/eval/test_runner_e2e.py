@@ -79,3 +79,26 @@ def test_user_jsonl_task_trains_calibrates_and_evaluates(tmp_path):
     run = res["runs"][f"jsonl:{path}"]["ia3"]
     assert run["sizes"]["eval"] == 5 and run["sizes"]["train"] == 16
     assert {"base", "peft", "svdecode"} <= set(run["metrics"]["builtin_addition/acc"])
+
+
+def test_eval_cli_reports_every_format_error_of_a_user_jsonl_at_once(tmp_path, capsys):
+    good = {"prompt": "Q: 1 + 1 = ?\nA:", "choices": [" 2", " 3"], "label": 0}
+    lines = [json.dumps(good)] * 3 + [
+        '{"prompt": "Q: 2 + 2 = ?\\nA:", "choices": [" 4", " 5"], "label": 0',      # line 4: bad JSON
+        json.dumps({"prompt": "Q?", "choices": [" 4", " 5", " 4"], "label": 0}),      # line 5: duplicate option
+        json.dumps({"prompt": "Q?", "choices": [" 4", "  "], "label": 0}),            # line 6: blank choice
+    ] + [json.dumps(good)] * 2
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(json.dumps({
+        "name": "bad-jsonl", "model": "tiny-llama", "methods": ["lora"], "families": [{"task": f"jsonl:{data}"}],
+        "store": (tmp_path / "store").as_uri(), "output_dir": str(tmp_path / "out"),
+    }))
+    assert main(["eval", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "3 format errors" in err
+    assert f"{data}:4: invalid JSON" in err
+    assert f"{data}:5: field 'choices': choices must be distinct: choices[0] and choices[2] are both ' 4'" in err
+    assert f"{data}:6: field 'choices[1]': must be a non-empty string" in err
+    assert "Traceback" not in err and not (tmp_path / "store").exists()

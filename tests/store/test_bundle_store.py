@@ -20,6 +20,8 @@ from svd_ray.store import (
     StoreError,
 )
 
+from svd_ray.store.backends import LocalBackend
+
 from conftest import StoreFactory
 from store_helpers import make_bundle, make_meta, read_tree
 
@@ -48,25 +50,34 @@ def test_round_trip(store: BundleStore, bundle: Path, meta: dict[str, Any], tmp_
 
     path, m2 = store.fetch("arc_easy")
     assert m2.manifest_sha256 == m.manifest_sha256
-    assert path == tmp_path / "cache" / "arc_easy" / m.version
     assert read_tree(path) == read_tree(bundle)
-    assert (path / MARKER_NAME).exists()
     assert store.manifest("arc_easy", m.version).to_json() == m.to_json()
     assert store.verify("arc_easy", m.version) == []
+    if isinstance(store.backend, LocalBackend):
+        # A file:// store's version folder is used in place (verified), never copied into a cache.
+        assert store.cache_dir not in path.parents and not (tmp_path / "cache").exists()
+        assert store.fetch("arc_easy", m.version)[0] == path
+        (path / "mu.safetensors").write_bytes(b"tampered")
+        with pytest.raises(IntegrityError, match="mu.safetensors"):
+            store.fetch("arc_easy", m.version)
+        (path / "mu.safetensors").write_bytes(read_tree(bundle)["mu.safetensors"])
+    else:
+        assert path == tmp_path / "cache" / "arc_easy" / m.version
+        assert (path / MARKER_NAME).exists()
 
-    # A second fetch reuses the verified copy without downloading.
-    def boom(*_: Any) -> None:
-        raise AssertionError("should not download again")
+        # A second fetch reuses the verified copy without downloading.
+        def boom(*_: Any) -> None:
+            raise AssertionError("should not download again")
 
-    original = store.backend.download_file
-    store.backend.download_file = boom  # type: ignore[method-assign]
-    assert store.fetch("arc_easy", m.version)[0] == path
-    store.backend.download_file = original  # type: ignore[method-assign]
+        original = store.backend.download_file
+        store.backend.download_file = boom  # type: ignore[method-assign]
+        assert store.fetch("arc_easy", m.version)[0] == path
+        store.backend.download_file = original  # type: ignore[method-assign]
 
-    # A local copy modified after download is detected and replaced.
-    (path / "mu.safetensors").write_bytes(b"tampered")
-    path2, _ = store.fetch("arc_easy", m.version)
-    assert read_tree(path2) == read_tree(bundle)
+        # A local copy modified after download is detected and replaced.
+        (path / "mu.safetensors").write_bytes(b"tampered")
+        path2, _ = store.fetch("arc_easy", m.version)
+        assert read_tree(path2) == read_tree(bundle)
 
     # Explicit dest_dir; a foreign non-empty dest_dir is refused.
     dest, _ = store.fetch("arc_easy", "latest", dest_dir=tmp_path / "dest")
@@ -199,6 +210,10 @@ def test_flipped_byte_detected_in_cached_copy_with_full_verify(
     import os
 
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot: same size and mtime
+    if isinstance(store.backend, LocalBackend):  # the fetched folder *is* the store's copy: refused
+        with pytest.raises(IntegrityError, match="sha256"):
+            store.fetch("t", "v1", full_verify=True)
+        return
     path2, _ = store.fetch("t", "v1", full_verify=True)
     assert read_tree(path2) == read_tree(bundle)
 

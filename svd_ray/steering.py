@@ -56,15 +56,22 @@ def steering_vector(adapted_logits: torch.Tensor, base_logits: torch.Tensor) -> 
     return p_phi * (kl - r)
 
 
-def plausibility_mask(adapted_logits: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
+def plausibility_mask(adapted_logits: torch.Tensor, alpha: float | torch.Tensor = DEFAULT_ALPHA) -> torch.Tensor:
     """Adaptive plausibility mask: keep y iff p_φ(y) ≥ α · max_y' p_φ(y').
 
     In logit space: z_φ(y) ≥ max z_φ + log α (softmax normalisation cancels).
     α = 0 keeps every token (the "no mask" ablation). The argmax is always kept.
+    ``alpha`` may be a tensor of per-row values broadcasting against ``adapted_logits[..., :1]``.
     """
+    z = adapted_logits.to(_work_dtype(adapted_logits))
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.to(device=z.device, dtype=z.dtype)
+        if bool(((a < 0) | (a > 1) | a.isnan()).any()):
+            raise ValueError("alpha must be in [0, 1]")
+        zmax = z.max(dim=-1, keepdim=True).values
+        return z >= zmax + torch.log(a)  # log 0 = −inf keeps every token
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    z = adapted_logits.to(_work_dtype(adapted_logits))
     if alpha == 0.0:
         return torch.ones_like(z, dtype=torch.bool)
     zmax = z.max(dim=-1, keepdim=True).values
@@ -108,6 +115,62 @@ def steer_logits(
     With μ = 0 and α = 0 this is exactly z_φ (in the working dtype).
     """
     return apply_steering(adapted_logits, steering_vector(adapted_logits, base_logits), mu, alpha)
+
+
+STEERING_MODES = ("svdecode", "static", "off")
+
+
+def form_steered_logits(
+    adapted_logits: torch.Tensor,
+    base_logits: torch.Tensor | None,
+    *,
+    mode: str,
+    mu: float | torch.Tensor,
+    alpha: float | torch.Tensor,
+    mean_delta: torch.Tensor | None = None,
+    outside: str = "mask",
+) -> torch.Tensor:
+    """ẑ for one steering mode: the single place the steered logits are formed (decoding, scoring, the HF
+    logits processor, the batching engine).
+
+        svdecode   ẑ = z_φ + μ · (δ(z_φ, z_θ) ⊙ m)      δ recomputed from this position's z_φ, z_θ
+        static     ẑ = z_φ + μ · (δ̄ ⊙ m)               δ̄ = the calibration-mean δ (no base pass)
+        off        ẑ = z_φ
+
+    m = plausibility mask of z_φ at threshold α. ``outside``: ``"mask"`` (decoding) puts −inf outside
+    m, i.e. p̂ is renormalised over the mask; ``"keep"`` (scoring, the calibration objective) keeps the
+    unsteered z_φ there. ``mu`` and ``alpha`` may be per-row tensors (shape (..., 1) or (...,)); rows
+    are independent. Float32 (float64 for float64 inputs).
+    """
+    if mode not in STEERING_MODES:
+        raise ValueError(f"steering mode must be one of {STEERING_MODES}, got {mode!r}")
+    if outside not in ("mask", "keep"):
+        raise ValueError(f"outside must be 'mask' or 'keep', got {outside!r}")
+    dt = _work_dtype(adapted_logits)
+    z = adapted_logits.to(dt)
+    if mode == "off":
+        return z
+    a = _per_row(alpha, z)
+    m = _per_row(mu, z)
+    mask = plausibility_mask(z, a)
+    if mode == "static":
+        if mean_delta is None:
+            raise ValueError("static steering needs mean_delta")
+        delta = mean_delta.to(device=z.device, dtype=dt)
+    else:
+        if base_logits is None:
+            raise ValueError("svdecode steering needs the adapter-off logits")
+        delta = steering_vector(z, base_logits)
+    steered = z + m * (delta * mask)
+    return steered.masked_fill(~mask, float("-inf")) if outside == "mask" else steered
+
+
+def _per_row(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A scalar stays a Python float; a tensor of per-row values gets a trailing vocab dim to broadcast."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    v = value.to(device=like.device, dtype=like.dtype)
+    return v if v.dim() == like.dim() else v.unsqueeze(-1)
 
 
 def token_mu_terms(

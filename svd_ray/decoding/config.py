@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from svd_ray.steering import DEFAULT_ALPHA, apply_steering, steer_logits
+from svd_ray.steering import DEFAULT_ALPHA, STEERING_MODES, form_steered_logits
 
-STEERING_MODES = ("svdecode", "static", "off")
 OUTSIDE_MASK_POLICIES = ("unmasked", "floor")
 
 
@@ -43,14 +42,9 @@ class SteeringConfig:
         return self.mode == "svdecode"
 
     def steer(self, adapted_logits: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
-        """ẑ for the configured mode (float32, −inf outside the mask)."""
-        if self.mode == "off":
-            return adapted_logits.float()
-        if self.mode == "static":
-            return apply_steering(adapted_logits, self.mean_delta.to(adapted_logits.device), self.mu, self.alpha)
-        if base_logits is None:
-            raise ValueError("svdecode steering needs the adapter-off logits")
-        return steer_logits(adapted_logits, base_logits, self.mu, self.alpha)
+        """ẑ for the configured mode (float32, −inf outside the mask): ``steering.form_steered_logits``."""
+        return form_steered_logits(adapted_logits, base_logits, mode=self.mode, mu=self.mu, alpha=self.alpha,
+                                   mean_delta=self.mean_delta)
 
 
 @dataclass

@@ -38,12 +38,23 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
+def sampling_logits(steered: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """log-probabilities (unnormalised) to sample from: (ẑ − max ẑ) / T, then top-k / top-p.
+
+    Subtracting the row maximum first keeps every finite temperature > 0 numerically safe: the best token
+    is 0 and the rest are ≤ 0 (possibly −inf), so no inf − inf, and softmax never sees NaN.
+    """
+    z = steered.float()
+    z = (z - z.max(dim=-1, keepdim=True).values) / temperature
+    z = torch.nan_to_num(z, nan=float("-inf"), neginf=float("-inf"))
+    return filter_logits(z, top_k, top_p)
+
+
 def select_tokens(steered: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy or sampled next tokens (B,) from steered logits (B, V)."""
     if not gen.do_sample:
         return steered.argmax(-1)
-    logits = filter_logits(steered / gen.temperature, gen.top_k, gen.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(sampling_logits(steered, gen.temperature, gen.top_k, gen.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -102,9 +113,21 @@ def _greedy_or_sample(dual, input_ids, attention_mask, steering, gen) -> list[Ge
 
 def _beam_search(dual, input_ids, attention_mask, steering, gen) -> list[GenerationResult]:
     """Beam search on log p̂; a hypothesis' score is Σ log p̂ / length^length_penalty."""
+    steps = iter_beam_search(dual, input_ids, attention_mask, steering, gen)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_beam_search(dual, input_ids, attention_mask, steering, gen):
+    """``_beam_search`` one forward at a time: yields after every forward, returns the results (so a
+    scheduler can interleave it with other work)."""
     b, k = input_ids.shape[0], gen.num_beams
     device = input_ids.device
     z_phi, z_theta, state = dual.prefill(input_ids, attention_mask, with_base=steering.needs_base, last_only=True)
+    yield
     rows = torch.arange(b, device=device).repeat_interleave(k)
     state = state.select_rows(rows)
     z_phi, z_theta = z_phi[rows, -1], None if z_theta is None else z_theta[rows, -1]
@@ -144,6 +167,7 @@ def _beam_search(dual, input_ids, attention_mask, steering, gen) -> list[Generat
         order = (torch.arange(b, device=device)[:, None] * k + next_src).view(-1)
         state = state.select_rows(order)
         z_phi, z_theta, state = dual.step(state, next_tok.view(-1))
+        yield
 
     results = []
     length = beam_tokens.shape[-1]

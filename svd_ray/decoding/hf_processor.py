@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from svd_ray.decoding.dual import BranchState, DualModel
-from svd_ray.steering import DEFAULT_ALPHA, steer_logits
+from svd_ray.steering import DEFAULT_ALPHA, form_steered_logits
 
 
 class SVDecodeLogitsProcessor:
@@ -64,4 +64,4 @@ class SVDecodeLogitsProcessor:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         base = self.base_logits(input_ids)
-        return steer_logits(scores, base, self.mu, self.alpha).to(scores.dtype)
+        return form_steered_logits(scores, base, mode="svdecode", mu=self.mu, alpha=self.alpha).to(scores.dtype)

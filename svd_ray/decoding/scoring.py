@@ -25,7 +25,7 @@ import torch
 
 from svd_ray.decoding.config import OUTSIDE_MASK_POLICIES, SteeringConfig
 from svd_ray.decoding.dual import DualModel
-from svd_ray.steering import masked_steering_vector, plausibility_mask
+from svd_ray.steering import form_steered_logits, plausibility_mask
 
 DEFAULT_FLOOR_LOGPROB = math.log(1e-10)
 
@@ -60,15 +60,9 @@ def steered_token_logprobs(
     if steering.mode == "off":
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
         return logp, torch.zeros_like(targets, dtype=torch.bool)
-    mask = plausibility_mask(z, steering.alpha)
-    if steering.mode == "static":
-        delta = steering.mean_delta.to(z.device).float() * mask
-    else:
-        delta = masked_steering_vector(z, z_theta, steering.alpha)
-    steered = z + steering.mu * delta
-    outside = ~mask.gather(-1, targets[..., None]).squeeze(-1)
-    if outside_mask == "floor":
-        steered = steered.masked_fill(~mask, float("-inf"))
+    steered = form_steered_logits(z, z_theta, mode=steering.mode, mu=steering.mu, alpha=steering.alpha,
+                                  mean_delta=steering.mean_delta, outside="mask" if outside_mask == "floor" else "keep")
+    outside = ~plausibility_mask(z, steering.alpha).gather(-1, targets[..., None]).squeeze(-1)
     logp = torch.log_softmax(steered, -1).gather(-1, targets[..., None]).squeeze(-1)
     if outside_mask == "floor":
         logp = torch.where(outside, torch.full_like(logp, floor_logprob), logp)
@@ -235,3 +229,101 @@ def score_choices(
         raise ValueError("choices must not be empty")
     prompt_ids, choice_ids = encode_choices(tokenizer, prompt, choices)
     return score_choice_ids(dual, prompt_ids, choice_ids, steering, outside_mask, floor_logprob)
+
+
+def iter_choice_scores(
+    dual,
+    prompt_ids: list[int],
+    choice_ids: list[list[int]],
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+    *,
+    with_base: bool = True,
+    max_rows: int = 8,
+    chunk_tokens: int = 64,
+):
+    """``score_choice_ids`` with memory and time bounded by construction; a generator that yields after every
+    forward and returns the ``ChoiceScores``.
+
+    The prompt is encoded in chunks of ``chunk_tokens`` (once per branch); choices are teacher-forced in
+    groups of at most ``max_rows`` rows (a choice takes one row per branch) and ``chunk_tokens`` positions
+    at a time, and each chunk's logits are reduced to the few numbers the score needs before the next one
+    is computed: at most max_rows × chunk_tokens × |V| logits exist at once, whatever the request.
+    ``dual``: a ``DualModel`` or a ``FusedDual``.
+    """
+    if not prompt_ids:
+        raise ValueError("prompt must encode to at least one token")
+    if not choice_ids or any(not c for c in choice_ids):
+        raise ValueError("every choice must have at least one token")
+    if outside_mask not in OUTSIDE_MASK_POLICIES:
+        raise ValueError(f"outside_mask must be one of {OUTSIDE_MASK_POLICIES}, got {outside_mask!r}")
+    with_base = with_base or steering.needs_base
+    device = dual.device
+    branches = 2 if with_base else 1
+    chunk_tokens = max(1, int(chunk_tokens))
+    group = max(1, int(max_rows) // branches)
+
+    first = torch.tensor([prompt_ids[:chunk_tokens]], device=device)
+    z_phi0, z_theta0, state = dual.prefill(first, with_base=with_base, last_only=True)
+    yield
+    for j in range(chunk_tokens, len(prompt_ids), chunk_tokens):
+        z_phi0, z_theta0, state = dual.extend(state, torch.tensor([prompt_ids[j:j + chunk_tokens]], device=device),
+                                              last_only=True)
+        yield
+    z_phi0 = z_phi0[:, -1]
+    z_theta0 = None if z_theta0 is None else z_theta0[:, -1]
+
+    n = len(choice_ids)
+    sums = {"steered": [0.0] * n, "adapter": [0.0] * n, "base": [0.0] * n}
+    outside_counts = [0] * n
+    token_lp: list[list[float]] = [[] for _ in range(n)]
+
+    def account(idx: list[int], zp, zt, targets, valid) -> None:
+        """Add the log-probs of ``targets`` (g, c) under logits (g, c, V) to the running sums."""
+        steered, outside = steered_token_logprobs(zp, zt, targets, steering, outside_mask, floor_logprob)
+        adapter = torch.log_softmax(zp.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        base = None if zt is None else torch.log_softmax(zt.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        for r, i in enumerate(idx):
+            v = valid[r]
+            sums["steered"][i] += float(steered[r][v].sum())
+            sums["adapter"][i] += float(adapter[r][v].sum())
+            if base is not None:
+                sums["base"][i] += float(base[r][v].sum())
+            outside_counts[i] += int((outside[r] & v).sum())
+            token_lp[i] += steered[r][v].tolist()
+
+    for g0 in range(0, n, group):
+        idx = list(range(g0, min(n, g0 + group)))
+        g = len(idx)
+        longest = max(len(choice_ids[i]) for i in idx)
+        tokens = torch.zeros(g, longest, dtype=torch.long, device=device)
+        valid = torch.zeros(g, longest, dtype=torch.bool, device=device)
+        for r, i in enumerate(idx):
+            tokens[r, : len(choice_ids[i])] = torch.tensor(choice_ids[i], device=device)
+            valid[r, : len(choice_ids[i])] = True
+        # token 0 of every choice is predicted by the prompt's last position
+        account(idx, z_phi0.expand(g, -1)[:, None], None if z_theta0 is None else z_theta0.expand(g, -1)[:, None],
+                tokens[:, :1], valid[:, :1])
+        if longest == 1:
+            continue
+        last_group = g0 + group >= n  # DualModel's select_rows/extend mutate its caches: keep the prompt's
+        st = (state if last_group else copy.deepcopy(state)).select_rows(torch.zeros(g, dtype=torch.long, device=device))
+        for j in range(0, longest - 1, chunk_tokens):
+            k = min(chunk_tokens, longest - 1 - j)
+            zp, zt, st = dual.extend(st, tokens[:, j:j + k], valid[:, j:j + k].long())
+            account(idx, zp, zt, tokens[:, j + 1:j + 1 + k], valid[:, j + 1:j + 1 + k])
+            yield
+    return ChoiceScores(
+        steered=sums["steered"], adapter=sums["adapter"], base=sums["base"] if with_base else None,
+        num_tokens=[len(c) for c in choice_ids], outside_mask_tokens=outside_counts, token_logprobs=token_lp,
+    )
+
+
+def run_to_end(steps):
+    """Drive a generator like ``iter_choice_scores`` to the end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

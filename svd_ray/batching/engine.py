@@ -69,6 +69,7 @@ class EngineConfig:
     score_max_rows: int = 8  # rows per scoring forward (a choice takes 2)
     max_blocked_s: float = 5.0  # a queued request this old stops admission of others until it fits
     max_positions: int | None = None  # the model's context (virtual tokens included); None = unchecked
+    retire_grace_s: float = 2.0  # a removed adapter stays usable this long (requests that already hold it)
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_kv_tokens", "prefill_chunk", "step_token_budget", "score_max_rows"):
@@ -123,14 +124,20 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, bank: AdapterBank, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, bank: AdapterBank, tokenizer, config: EngineConfig | None = None, tokenizer_lock=None):
         cfg = bank.config
         if getattr(cfg, "sliding_window", None) and any(t != "full_attention" for t in getattr(cfg, "layer_types", []) or []):
             raise ValueError("the batching engine needs full-attention layers (this model has sliding-window layers)")
         self.bank = bank
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        lock = tokenizer_lock or threading.Lock()  # the tokenizer may be shared with request threads
+
+        def decode(ids: list[int]) -> str:
+            with lock:
+                return tokenizer.decode(ids, skip_special_tokens=True)
+
+        self._decode = decode
         self.eos_ids = tuple(i for i in [getattr(tokenizer, "eos_token_id", None)] if i is not None)
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
@@ -141,7 +148,7 @@ class Engine:
         self._batch = RowBatch.empty(bank.device)
         self._rows: list[tuple[_Seq, bool]] = []  # batch row → (sequence, is adapter-off row)
         self._rr = 0
-        self._retired: set[int] = set()
+        self._retired: dict[int, float] = {}  # slot → when it was removed
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = collections.Counter()
@@ -183,13 +190,13 @@ class Engine:
 
     def remove_adapter(self, adapter: Adapter) -> None:
         """Forget the adapter once no admitted or queued request uses it (requests holding it finish)."""
-        self._on_engine_thread(lambda: self._retired.add(adapter.slot))
+        self._on_engine_thread(lambda: self._retired.setdefault(adapter.slot, time.monotonic()))
 
     def submit(self, request: GenerateRequest | ScoreRequest) -> RequestHandle:
         """Queue a request (refused up front, ``RequestTooLarge`` naming the field, if it can never fit)."""
         if self._stopping:
             raise EngineStopped("the model replica is shutting down; retry the request")
-        if request.adapter.slot in self._retired or request.adapter.slot not in self.bank.entries:
+        if request.adapter.slot not in self.bank.entries:
             raise EngineStopped("the task was unloaded; retry the request")
         rows, kv = self._cost(request)
         handle = RequestHandle(request, self.wake)
@@ -570,7 +577,7 @@ class Engine:
         h = s.work.handle
         if rest:
             h.events.put(Event("token", index=s.index, text=rest, token_id=None))
-        h.events.put(Event("end", index=s.index, finish_reason=reason))
+        h.events.put(Event("end", index=s.index, finish_reason=reason, num_tokens=len(s.tracker.ids)))
         w = s.work
         if all(x.finish_reason is not None for x in w.seqs):
             results = [GenerationResult(list(x.tracker.ids), x.finish_reason, x.text) for x in w.seqs]
@@ -624,7 +631,8 @@ class Engine:
         used = {w.req.adapter.slot for w in self._active}
         used |= {w.req.adapter.slot for q in self._queues.values() for w in q}
         used |= {w.req.adapter.slot for w in self._inbox}
-        for slot in list(self._retired):
-            if slot not in used:
+        now = time.monotonic()
+        for slot, since in list(self._retired.items()):
+            if slot not in used and now - since >= self.config.retire_grace_s:
                 self.bank.unregister(slot)
-                self._retired.discard(slot)
+                del self._retired[slot]

@@ -103,6 +103,7 @@ class Event:
     text: str = ""
     token_id: int | None = None
     finish_reason: str | None = None
+    num_tokens: int = 0
     result: object = None
     error: EngineError | None = None
 

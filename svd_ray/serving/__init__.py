@@ -2,7 +2,9 @@
 
     svd_ray.serving.deployments:build_app   the application builder (serve run / serve deploy / svd-ray serve)
     svd_ray.serving.app                     FastAPI routes, auth + rate limits, errors (no Ray / torch imports)
-    svd_ray.serving.model_pool              per-replica LRU of loaded tasks and the model work
+    svd_ray.serving.pool                    per-replica LRU of loaded tasks; one batching engine per base model
+    svd_ray.serving.handlers                request → engine request → response (tokenised once)
+    svd_ray.serving.errors                  the replica's errors (HTTP status, type, field)
     svd_ray.serving.schemas                 request models, settings, the JSON error format
     svd_ray.serving.auth                    tenants, hashed API keys, token buckets
     svd_ray.serving.metrics                 Prometheus metrics of the ingress

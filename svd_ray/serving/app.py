@@ -325,7 +325,7 @@ def create_app(svc: IngressService) -> FastAPI:
         payload = generation_payload(task, req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                                      top_p=req.top_p, top_k=req.top_k, num_beams=req.num_beams,
                                      length_penalty=req.length_penalty, seed=req.seed, stop=req.stop,
-                                     steering=req.steering_dict())
+                                     steering=req.steering_dict(), tenant=tenant.name)
         if req.stream:
             first, it = await svc.open_stream(task, payload)
             return StreamingResponse(_native_sse(svc, task, first, it), media_type="text/event-stream",
@@ -347,7 +347,7 @@ def create_app(svc: IngressService) -> FastAPI:
         check_score_limits(req, limits)
         await svc.check_task(tenant, task)
         payload = {"task": task, "prompt": req.prompt, "choices": req.choices, "outside_mask": req.outside_mask,
-                   "steering": req.steering_dict()}
+                   "steering": req.steering_dict(), "tenant": tenant.name}
         out = await svc.call_model("score", task, payload)
         out.pop("ok", None)
         return {"object": "scores", **out}
@@ -363,7 +363,7 @@ def create_app(svc: IngressService) -> FastAPI:
         await svc.check_task(tenant, task, field="body.model")
         payload = generation_payload(task, req.prompt, max_new_tokens=max_tokens, temperature=req.temperature,
                                      top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
-                                     steering=req.steering_dict())
+                                     steering=req.steering_dict(), tenant=tenant.name)
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:

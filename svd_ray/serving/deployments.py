@@ -8,8 +8,13 @@ TaskModels (one replica = one process holding a ``ModelPool``):
   * ``@serve.multiplexed`` keyed by task id: Serve routes a task's requests to replicas that already
     hold it; the pool (count + bytes LRU, pins, version refresh) decides what really stays loaded and
     tells Serve when it evicts, so the advertised set follows the pool.
-  * one worker thread runs all model work (FIFO), one small thread pool loads bundles, one thread
-    refreshes versions; the event loop only awaits, so health checks and streams stay responsive.
+  * model work runs in the pool's batching engines (``svd_ray.batching``: one per base model, one thread
+    each): requests of every task on a base decode together, continuously batched. The event loop only
+    submits and awaits; a request whose client goes away (Serve cancels it) or whose deadline
+    (``request_timeout_s``) passes is cancelled in the engine, so its rows leave the batch. One small
+    thread pool loads bundles, one thread refreshes versions.
+  * torch uses as many threads as the replica has CPUs (``ray_actor_options.num_cpus``, rounded, ≥ 1)
+    unless ``pool.torch_threads`` says otherwise.
 Ingress: auth, rate limits, validation, listing; retries a request once when its model replica dies
 (``retries``), and turns every failure into a JSON error.
 """
@@ -19,6 +24,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -45,20 +51,20 @@ class TaskModels:
     def __init__(self, settings: dict):
         import torch
 
-        from svd_ray.serving.model_pool import ModelPool
+        from svd_ray.batching import EngineConfig
+        from svd_ray.serving.pool import ModelPool
         from svd_ray.store import open_store
 
         s = ServeSettings.model_validate(settings)
         self.settings = s
-        if s.pool.torch_threads:
-            torch.set_num_threads(s.pool.torch_threads)
+        torch.set_num_threads(s.pool.torch_threads or _replica_cpus())
         torch.set_flush_denormal(True)
         self.pool = ModelPool(
             open_store(s.store, cache_dir=s.cache_dir), allowed_bases=s.base_models, max_tasks=s.pool.max_tasks,
             max_bytes=s.pool.max_bytes, pin=s.pool.pin, refresh_s=s.pool.refresh_s, device=s.pool.device,
-            on_evict=self._on_evict,
+            on_evict=self._on_evict, engine_config=EngineConfig(**s.engine.model_dump()),
         )
-        self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svd-model")
+        self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="svd-wait")
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="svd-load")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -116,7 +122,7 @@ class TaskModels:
         return lt
 
     async def _entry(self, req: dict):
-        from svd_ray.serving.model_pool import PoolError
+        from svd_ray.serving.errors import PoolError
 
         self._loop = asyncio.get_running_loop()
         task = req.get("task")
@@ -127,14 +133,30 @@ class TaskModels:
         return await self._acquire(task)
 
     # ------------------------------------------------------------------ requests
-    async def _run(self, req: dict, fn) -> dict:
-        from svd_ray.serving.model_pool import PoolError
+    def _deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    async def _await(self, handle):
+        """The engine result, without blocking the event loop; cancelling this coroutine cancels the work."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._waiters, handle.result)
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    async def _run(self, req: dict, submit, respond) -> dict:
+        from svd_ray.batching import EngineError
+        from svd_ray.serving.errors import PoolError
+        from svd_ray.serving.handlers import pool_error
 
         try:
             lt = await self._entry(req)
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._work, fn, lt, req, self.settings.limits.max_prompt_tokens)
-            return {"ok": True, **out}
+            handle = submit(lt, req, self.settings.limits.max_prompt_tokens, tenant=str(req.get("tenant", "default")),
+                            deadline=self._deadline())
+            out = await self._await(handle)
+            return {"ok": True, **respond(lt, handle, out)}
+        except EngineError as exc:
+            return {"ok": False, "error": pool_error(exc).to_dict()}
         except PoolError as exc:
             return {"ok": False, "error": exc.to_dict()}
         except Exception:
@@ -142,20 +164,26 @@ class TaskModels:
             return {"ok": False, "error": {"status": 500, "type": "internal_error", "message": "model error"}}
 
     async def generate(self, req: dict) -> dict:
-        from svd_ray.serving.model_pool import run_generate
+        from svd_ray.serving.handlers import generate_response, submit_generate
 
-        return await self._run(req, run_generate)
+        return await self._run(req, submit_generate, generate_response)
 
     async def score(self, req: dict) -> dict:
-        from svd_ray.serving.model_pool import run_score
+        from svd_ray.serving.handlers import score_response, submit_score
 
-        return await self._run(req, run_score)
+        return await self._run(req, submit_score,
+                               lambda lt, handle, out: score_response(lt, handle, out, list(req["choices"])))
 
     async def generate_stream(self, req: dict) -> AsyncIterator[dict]:
-        from svd_ray.serving.model_pool import PoolError, run_stream
+        from svd_ray.serving.errors import InputError, PoolError
+        from svd_ray.serving.handlers import stream_event, stream_meta, submit_generate
 
         try:
             lt = await self._entry(req)
+            if int(req["gen"].get("num_beams", 1)) > 1:
+                raise InputError("num_beams > 1 cannot be streamed", "body.num_beams")
+            handle = submit_generate(lt, req, self.settings.limits.max_prompt_tokens,
+                                     tenant=str(req.get("tenant", "default")), deadline=self._deadline())
         except PoolError as exc:
             yield {"event": "error", "error": exc.to_dict()}
             return
@@ -164,32 +192,15 @@ class TaskModels:
             yield {"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error"}}
             return
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(ev) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        def job() -> None:
-            try:
-                run_stream(lt, req, emit, cancel.is_set, self.settings.limits.max_prompt_tokens)
-            except PoolError as exc:
-                emit({"event": "error", "error": exc.to_dict()})
-            except Exception:
-                log.exception("stream failed")
-                emit({"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error"}})
-            finally:
-                emit(None)
-
-        loop.run_in_executor(self._work, job)
         try:
+            yield stream_meta(lt, handle)
             while True:
-                ev = await queue.get()
-                if ev is None:
+                ev = await loop.run_in_executor(self._waiters, handle.events.get)
+                yield stream_event(ev)
+                if ev.kind in ("done", "error"):
                     return
-                yield ev
-        finally:
-            cancel.set()
+        finally:  # the client went away (or the stream ended): stop the work
+            handle.cancel()
 
     async def stats(self) -> dict:
         return self.pool.stats()
@@ -201,10 +212,22 @@ class TaskModels:
     def __del__(self):
         try:
             self._stop.set()
-            self._work.shutdown(wait=False, cancel_futures=True)
+            self.pool.close()
+            self._waiters.shutdown(wait=False, cancel_futures=True)
             self._loader.shutdown(wait=False, cancel_futures=True)
         except Exception:
             pass
+
+
+def _replica_cpus() -> int:
+    """CPUs Ray gave this replica, rounded (≥ 1): torch's thread count."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:
+        cpus = 1.0
+    return max(1, int(round(cpus)))
 
 
 def _pool_gauges() -> dict:

@@ -261,6 +261,17 @@ class Limits(_Settings):
     max_stop_chars: int = Field(64, gt=0)
 
 
+class EngineSettings(_Settings):
+    """The batching engine of each model replica (``svd_ray.batching.EngineConfig``): one per base model."""
+
+    max_rows: int = Field(32, gt=0)  # rows decoded together (a steered sequence takes 2)
+    max_kv_tokens: int = Field(65536, gt=0)  # KV entries reserved by admitted requests
+    prefill_chunk: int = Field(64, gt=0)  # tokens per prefill / scoring forward of one request
+    step_token_budget: int = Field(128, gt=0)  # prefill / scoring tokens between two decode steps
+    score_max_rows: int = Field(8, ge=2)  # rows per scoring forward (a choice takes 2)
+    max_blocked_s: float = Field(5.0, gt=0)
+
+
 class PoolSettings(_Settings):
     """Per model replica: an LRU of loaded tasks bounded by count and bytes, with pins."""
 
@@ -298,6 +309,7 @@ class ServeSettings(_Settings):
     auth: AuthSettings = AuthSettings()
     limits: Limits = Limits()
     pool: PoolSettings = PoolSettings()
+    engine: EngineSettings = EngineSettings()
     request_timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(1, ge=0, le=5)
     listing_ttl_s: float = Field(5.0, ge=0)
@@ -355,10 +367,11 @@ def check_score_limits(req: ScoreRequest, limits: Limits) -> None:
 # ------------------------------------------------------------------------------------------- payloads
 def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
                        top_k: int, num_beams: int = 1, length_penalty: float = 1.0, seed: int | None = None,
-                       stop: list[str] | None = None, steering: dict) -> dict:
+                       stop: list[str] | None = None, steering: dict, tenant: str = "default") -> dict:
     """The plain-dict request the ingress sends to the model deployment."""
     return {
         "task": task,
+        "tenant": tenant,
         "prompts": list(prompts),
         "gen": {
             "max_new_tokens": max_new_tokens,

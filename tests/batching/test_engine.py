@@ -266,7 +266,7 @@ def test_a_heavy_request_does_not_starve_another_tenant(world):
 
 
 def test_adapter_removal_waits_for_its_requests(world):
-    eng, adapters = make_engine(world)
+    eng, adapters = make_engine(world, retire_grace_s=0.0)
     h = eng.submit(gen_request(adapters["ia3"], [1, 2, 3], "svdecode", 20))
     eng.run_once()
     eng.remove_adapter(adapters["ia3"])

@@ -1,7 +1,7 @@
 """GPU check of the serving ModelPool (pool.device auto → cuda): 4 PEFT methods on one shared base, vs CPU.
 
 Not collected by pytest (no GPU in CI). Runs on the lent GPU machine, whose image has torch/transformers/peft
-but neither Ray nor pydantic, so it uses only ``svd_ray.serving.model_pool`` and the store. How it was run:
+but neither Ray nor pydantic, so it uses only ``svd_ray.serving.pool`` / ``handlers`` and the store. How it was run:
 
     # here: build the fixture (sharp tiny base + 4 bundles) and put it in an ignored folder that travels
     python -c "import sys; sys.path.insert(0, 'tests/serving'); from pathlib import Path; \
@@ -24,7 +24,8 @@ import torch, transformers, peft
 print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
       "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 from svd_ray.store import open_store
-from svd_ray.serving.model_pool import ModelPool, run_generate, run_score, run_stream
+from svd_ray.serving.handlers import run_generate, run_score, run_stream
+from svd_ray.serving.pool import ModelPool
 def generation_payload(task, prompts, max_new_tokens, temperature, top_p, top_k, stop, steering):
     return {"task": task, "prompts": prompts, "gen": {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0,
             "top_k": 0, "top_p": 1.0, "num_beams": 1, "length_penalty": 1.0, "seed": None, "stop_strings": list(stop or [])},

@@ -7,15 +7,9 @@ import torch
 from serving_helpers import publish_task, reference_model
 
 from svd_ray.decoding import GenerationConfig
-from svd_ray.serving.model_pool import (
-    InputError,
-    ModelPool,
-    TaskNotFound,
-    TaskUnavailable,
-    run_generate,
-    run_score,
-    run_stream,
-)
+from svd_ray.serving.errors import InputError, TaskNotFound, TaskUnavailable
+from svd_ray.serving.handlers import run_generate, run_score, run_stream
+from svd_ray.serving.pool import ModelPool
 from svd_ray.serving.schemas import generation_payload
 
 PROMPTS = ["Q: 2 + 3 = ?\nA:", "Hello there, my friend", "Q: 7 + 1 = ?\nA:"]
@@ -87,7 +81,9 @@ def test_sampling_and_beams_equal_reference(shared_pool, store, bundles):
     ref, _ = reference_model(store, "t-lora", bundles["base"])
     lt = shared_pool.acquire("t-lora")
     got = run_generate(lt, gen_req("t-lora", temperature=0.9, seed=11))
-    want = ref.generate(PROMPTS, GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.9, seed=11))
+    # prompt i of a request samples with its own generator seeded seed + i (so batching never changes it)
+    want = [ref.generate([p], GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.9, seed=11 + i))[0]
+            for i, p in enumerate(PROMPTS)]
     assert [r["token_ids"] for r in got["results"]] == [w.token_ids for w in want]
     got = run_generate(lt, gen_req("t-lora", beams=3))
     want = ref.generate(PROMPTS, GenerationConfig(max_new_tokens=6, num_beams=3))
@@ -227,7 +223,7 @@ def test_shared_base_weights_are_never_written(store, bundles):
 def test_adapters_that_would_write_the_shared_base_are_refused(tmp_path, cfg, bad):
     import json
 
-    from svd_ray.serving.model_pool import _shared_base_hazard
+    from svd_ray.serving.pool import _shared_base_hazard
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))

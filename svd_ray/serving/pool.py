@@ -18,8 +18,11 @@ Versions: a task resolves to its promoted version if it has one, else its latest
 swapped in atomically (in-flight requests finish on the version they started with). A failed
 refresh keeps serving the old version; a task deleted from the store is unloaded.
 
-All model work (``run_generate``, ``run_score``, ``run_stream``) must run on one thread per
-replica: it is CPU/GPU bound anyway, and the shared tokenizer is not thread-safe.
+Model work: each base model has one batching ``Engine`` (``svd_ray.batching``) over an ``AdapterBank``
+that shares the master's parameters; every loaded task registers its adapter there, so requests of all
+tasks on that base decode together in one batch. A replaced or evicted task's adapter is retired once
+no request uses it. The tokenizer is shared by the request threads and the engine: use it under
+``BaseEntry.tokenizer_lock``.
 """
 from __future__ import annotations
 
@@ -28,41 +31,16 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from svd_ray.serving.errors import PoolError, TaskNotFound, TaskUnavailable
 from svd_ray.store import IntegrityError, InvalidNameError, MismatchError, NotFoundError, StoreError
 
 log = logging.getLogger("svd_ray.serving.pool")
 
-
-# ------------------------------------------------------------------------------------------- errors
-class PoolError(Exception):
-    """A failure with an HTTP status and a client-safe message (details go to the log only)."""
-
-    status = 500
-    type = "internal_error"
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.message, self.field = message, field
-
-    def to_dict(self) -> dict:
-        return {"status": self.status, "type": self.type, "message": self.message, "field": self.field}
-
-
-class TaskNotFound(PoolError):
-    status, type = 404, "not_found"
-
-
-class TaskUnavailable(PoolError):
-    status, type = 503, "unavailable"
-
-
-class InputError(PoolError):
-    status, type = 422, "invalid_request"
 
 
 # ------------------------------------------------------------------------------------------- entries
@@ -75,6 +53,8 @@ class BaseEntry:
     nbytes: int
     storages: frozenset[int]
     max_positions: int | None
+    engine: object = None  # svd_ray.batching.Engine over this base (one per replica and base)
+    tokenizer_lock: object = field(default_factory=threading.Lock)
     pending: int = 0  # task loads in progress on this base
     last_used: float = 0.0
 
@@ -92,6 +72,12 @@ class LoadedTask:
     max_positions: int | None = None
     last_used: float = 0.0
     checked_at: float = 0.0
+    adapter: object = None  # svd_ray.batching.Adapter: this version's slot in its base's engine
+    base: object = None  # BaseEntry
+
+    @property
+    def engine(self):
+        return self.base.engine
 
     def info(self) -> dict:
         d = self.tm.data
@@ -151,6 +137,7 @@ class ModelPool:
         device: str = "cpu",
         on_evict: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        engine_config=None,
     ):
         self.store = store
         self.allowed_bases = list(allowed_bases)
@@ -161,6 +148,7 @@ class ModelPool:
                                    ("cpu" if device == "auto" else device))
         self.on_evict = on_evict
         self.clock = clock
+        self.engine_config = engine_config  # svd_ray.batching.EngineConfig (None: its defaults)
         self._lock = threading.RLock()
         self._tasks: dict[str, LoadedTask] = {}
         self._bases: dict[str, BaseEntry] = {}
@@ -280,10 +268,35 @@ class ModelPool:
             nbytes=_tensor_bytes(tensors), storages=frozenset(_storage_ptr(p) for p in model.parameters()),
             max_positions=getattr(model.config, "max_position_embeddings", None), last_used=self.clock(),
         )
+        entry.engine = self._start_engine(entry)
         with self._lock:
             self._bases[base_id] = entry
         log.info("loaded base model %s (%.1f MB) in %.1fs", base_id, entry.nbytes / 1e6, time.perf_counter() - t0)
         return entry
+
+    def _start_engine(self, base: BaseEntry):
+        from dataclasses import replace as dc_replace
+
+        from svd_ray.batching import AdapterBank, Engine, EngineConfig
+
+        cfg = dc_replace(self.engine_config or EngineConfig(), max_positions=base.max_positions)
+        return Engine(AdapterBank(base.model), base.tokenizer, cfg, tokenizer_lock=base.tokenizer_lock).start()
+
+    def _release(self, lt: LoadedTask) -> None:
+        """The task version left the pool: retire its adapter (requests already holding it finish first)."""
+        if lt.adapter is not None and lt.base is not None and lt.base.engine is not None:
+            try:
+                lt.base.engine.remove_adapter(lt.adapter)
+            except Exception:
+                log.exception("retiring the adapter of %s@%s failed", lt.task, lt.version)
+
+    def close(self) -> None:
+        """Stop every engine (queued and running requests fail with 503)."""
+        with self._lock:
+            bases = list(self._bases.values())
+        for b in bases:
+            if b.engine is not None:
+                b.engine.stop()
 
     def _load_task(self, task: str, version: str) -> LoadedTask:
         """Fetch (verified) and build one task version. Heavy; runs without the pool lock."""
@@ -330,6 +343,7 @@ class ModelPool:
             tm.peft_model.eval()
             if tm.data.mean_delta is not None:
                 tm.data.mean_delta = tm.data.mean_delta.to(self.device)
+            adapter = base.engine.add_adapter(f"{task}@{version}", tm.peft_model, tm.data.mean_delta)
         except Exception:
             self.counters["load_failures"] += 1
             log.exception("building task %s@%s failed", task, version)
@@ -343,35 +357,41 @@ class ModelPool:
         now = self.clock()
         lt = LoadedTask(task=task, version=version, base_id=base_id, method=tm.method, tm=tm,
                         nbytes=_tensor_bytes(own + extra), loaded_at=now, num_virtual=tm.dual.num_virtual,
-                        max_positions=base.max_positions, last_used=now, checked_at=now)
+                        max_positions=base.max_positions, last_used=now, checked_at=now, adapter=adapter, base=base)
         self.counters["loads"] += 1
         log.info("loaded task %s@%s (%s, %.2f MB own) in %.2fs", task, version, lt.method, lt.nbytes / 1e6,
                  time.perf_counter() - t0)
         return lt
 
     def _insert(self, lt: LoadedTask) -> None:
-        evicted: list[str] = []
-        with self._lock:
-            old = self._tasks.get(lt.task)
-            self._tasks[lt.task] = lt
-            evicted = self._evict_locked(keep=lt.task)
-            if self._over_budget() and lt.task not in self.pin:
-                # even after evicting everything evictable the new task does not fit
-                if old is not None:
-                    self._tasks[lt.task] = old
-                else:
-                    del self._tasks[lt.task]
-                self._drop_unused_bases_locked()
-                raise TaskUnavailable(f"task {lt.task!r} does not fit in this replica's memory budget "
-                                      f"(pool.max_bytes = {self.max_bytes} bytes)")
-        for task in evicted:
-            self._notify_evicted(task)
+        victims: list[LoadedTask] = []
+        try:
+            with self._lock:
+                old = self._tasks.get(lt.task)
+                self._tasks[lt.task] = lt
+                victims = self._evict_locked(keep=lt.task)
+                if self._over_budget() and lt.task not in self.pin:
+                    # even after evicting everything evictable the new task does not fit
+                    if old is not None:
+                        self._tasks[lt.task] = old
+                    else:
+                        del self._tasks[lt.task]
+                    self._drop_unused_bases_locked()
+                    self._release(lt)
+                    raise TaskUnavailable(f"task {lt.task!r} does not fit in this replica's memory budget "
+                                          f"(pool.max_bytes = {self.max_bytes} bytes)")
+                if old is not None and old is not lt:
+                    self._release(old)  # the new version serves from now on; the old one's requests finish
+        finally:
+            for v in victims:
+                self._release(v)
+                self._notify_evicted(v.task)
 
     def _over_budget(self) -> bool:
         return self.total_bytes() > self.max_bytes
 
-    def _evict_locked(self, keep: str | None = None) -> list[str]:
-        evicted = []
+    def _evict_locked(self, keep: str | None = None) -> list[LoadedTask]:
+        evicted: list[LoadedTask] = []
         while len(self._tasks) > self.max_tasks or self._over_budget():
             candidates = [t for t in self._tasks.values() if t.task != keep and t.task not in self.pin]
             if not candidates:
@@ -379,7 +399,7 @@ class ModelPool:
             victim = min(candidates, key=lambda t: t.last_used)
             del self._tasks[victim.task]
             self.counters["evictions"] += 1
-            evicted.append(victim.task)
+            evicted.append(victim)
             log.info("evicted task %s@%s (LRU)", victim.task, victim.version)
             if not self._over_budget() and len(self._tasks) <= self.max_tasks:
                 break
@@ -393,6 +413,8 @@ class ModelPool:
         for b in sorted(self._bases.values(), key=lambda b: b.last_used):
             if b.id not in used and b.pending == 0 and self._over_budget():
                 del self._bases[b.id]
+                if b.engine is not None:  # stopping joins its thread: not under the pool lock
+                    threading.Thread(target=b.engine.stop, name="svd-engine-stop", daemon=True).start()
                 log.info("released base model %s", b.id)
 
     def _notify_evicted(self, task: str) -> None:
@@ -409,6 +431,7 @@ class ModelPool:
                 self.counters["evictions"] += 1
                 self._drop_unused_bases_locked()
         if lt is not None:
+            self._release(lt)
             self._notify_evicted(task)
         return lt is not None
 
@@ -461,164 +484,3 @@ class ModelPool:
         return changed
 
 
-# ------------------------------------------------------------------------------------------- model work
-def _steering(lt: LoadedTask, spec: dict):
-    try:
-        return lt.tm.steering(mode=spec.get("mode", "svdecode"), mu=spec.get("mu"), alpha=spec.get("alpha"))
-    except ValueError as exc:
-        raise InputError(f"steering: {exc}", "body.steering") from None
-
-
-def _check_lengths(lt: LoadedTask, counts: list[int], max_new_tokens: int, max_prompt_tokens: int,
-                   field_name: str = "body.prompt") -> None:
-    for i, n in enumerate(counts):
-        where = field_name if len(counts) == 1 else f"{field_name}[{i}]"
-        if n < 1:
-            raise InputError("prompt encodes to no tokens", where)
-        if n > max_prompt_tokens:
-            raise InputError(f"prompt is {n} tokens; the limit is {max_prompt_tokens}", where)
-        if lt.max_positions and n + max_new_tokens + lt.num_virtual > lt.max_positions:
-            raise InputError(
-                f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-                f"{lt.max_positions - lt.num_virtual} tokens", where)
-
-
-def _gen_config(spec: dict):
-    from svd_ray.decoding import GenerationConfig
-
-    try:
-        return GenerationConfig(
-            max_new_tokens=int(spec["max_new_tokens"]), do_sample=bool(spec["do_sample"]),
-            temperature=float(spec["temperature"]), top_k=int(spec["top_k"]), top_p=float(spec["top_p"]),
-            num_beams=int(spec.get("num_beams", 1)), length_penalty=float(spec.get("length_penalty", 1.0)),
-            seed=spec.get("seed"), stop_strings=tuple(spec.get("stop_strings") or ()),
-        )
-    except ValueError as exc:
-        raise InputError(str(exc), "body") from None
-
-
-def _prompt_counts(tok, prompts: list[str]) -> list[int]:
-    return [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
-
-
-def _steering_info(steering) -> dict:
-    return {"mode": steering.mode, "mu": float(steering.mu), "alpha": float(steering.alpha)}
-
-
-def run_generate(lt: LoadedTask, req: dict, max_prompt_tokens: int = 1024) -> dict:
-    """Non-streaming generation through ``TaskModel.generate`` (greedy, sampling or beams)."""
-    tm = lt.tm
-    gen = _gen_config(req["gen"])
-    steering = _steering(lt, req.get("steering") or {})
-    counts = _prompt_counts(tm.tokenizer, req["prompts"])
-    _check_lengths(lt, counts, gen.max_new_tokens, max_prompt_tokens)
-    results = tm.generate(list(req["prompts"]), gen, steering)
-    return {
-        "task": lt.task, "version": lt.version, "method": lt.method, "steering": _steering_info(steering),
-        "results": [{"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason}
-                    for r in results],
-        "usage": {"prompt_tokens": sum(counts), "completion_tokens": sum(len(r.token_ids) for r in results)},
-    }
-
-
-def run_score(lt: LoadedTask, req: dict, max_prompt_tokens: int = 1024) -> dict:
-    from svd_ray.decoding import encode_choices
-
-    tm = lt.tm
-    steering = _steering(lt, req.get("steering") or {})
-    prompt, choices = req["prompt"], list(req["choices"])
-    try:
-        prompt_ids, choice_ids = encode_choices(tm.tokenizer, prompt, choices)
-    except ValueError as exc:
-        bad = next((i for i, c in enumerate(choices) if str(c) in str(exc)), None)
-        raise InputError(str(exc), "body.choices" if bad is None else f"body.choices[{bad}]") from None
-    _check_lengths(lt, [len(prompt_ids)], max(len(c) for c in choice_ids), max_prompt_tokens)
-    outside = req.get("outside_mask", "unmasked")
-    scores = tm.score(prompt, choices, steering, outside)
-    probs = {w: scores.normalised(w) for w in ("steered", "adapter") + (("base",) if scores.base else ())}
-    out = []
-    for i, text in enumerate(choices):
-        out.append({
-            "index": i, "text": text, "num_tokens": scores.num_tokens[i],
-            "outside_mask_tokens": scores.outside_mask_tokens[i],
-            "loglik": {"steered": scores.steered[i], "adapter": scores.adapter[i],
-                       "base": None if scores.base is None else scores.base[i]},
-            "prob": {w: p[i] for w, p in probs.items()},
-        })
-    return {"task": lt.task, "version": lt.version, "method": lt.method, "steering": _steering_info(steering),
-            "outside_mask": outside, "choices": out,
-            "usage": {"prompt_tokens": len(prompt_ids), "choice_tokens": sum(scores.num_tokens)}}
-
-
-def run_stream(lt: LoadedTask, req: dict, emit: Callable[[dict], None], cancelled: Callable[[], bool],
-               max_prompt_tokens: int = 1024) -> None:
-    """Token-by-token generation (greedy or sampling) with ``iter_generate``; calls ``emit`` per event.
-
-    Events: ``meta`` once, ``token`` {index, text, token_id} per new piece of text, ``end`` {index,
-    finish_reason, num_tokens} per prompt, ``usage`` last. Stop strings are honoured exactly like the
-    non-streaming path (text up to the first stop string; a possible stop-string prefix is held back).
-    """
-    from svd_ray.decoding import encode_prompts, iter_generate
-
-    tm = lt.tm
-    tok = tm.tokenizer
-    gen = _gen_config(req["gen"])
-    if gen.num_beams > 1:
-        raise InputError("num_beams > 1 cannot be streamed", "body.num_beams")
-    if not gen.eos_token_ids and tok.eos_token_id is not None:
-        gen = replace(gen, eos_token_ids=(tok.eos_token_id,))
-    steering = _steering(lt, req.get("steering") or {})
-    prompts = list(req["prompts"])
-    counts = _prompt_counts(tok, prompts)
-    _check_lengths(lt, counts, gen.max_new_tokens, max_prompt_tokens)
-    emit({"event": "meta", "task": lt.task, "version": lt.version, "method": lt.method,
-          "steering": _steering_info(steering)})
-    stops = gen.stop_strings
-    hold = max((len(s) for s in stops), default=1) - 1
-    b = len(prompts)
-    ids: list[list[int]] = [[] for _ in range(b)]
-    sent = [""] * b
-    done = [False] * b
-    eos = set(gen.eos_token_ids)
-
-    def finish(i: int, reason: str, text: str) -> None:
-        if text.startswith(sent[i]) and len(text) > len(sent[i]):
-            emit({"event": "token", "index": i, "text": text[len(sent[i]):], "token_id": None})
-        sent[i] = text
-        done[i] = True
-        emit({"event": "end", "index": i, "finish_reason": reason, "num_tokens": len(ids[i])})
-
-    def full_text(i: int) -> tuple[str, bool]:
-        text = tok.decode(ids[i], skip_special_tokens=True)
-        cuts = [c for c in (text.find(s) for s in stops) if c >= 0]
-        return (text[: min(cuts)], True) if cuts else (text, False)
-
-    input_ids, mask = encode_prompts(tok, prompts, tm.dual.device)
-    with torch.inference_mode():
-        for tokens, _finished in iter_generate(tm.dual, input_ids, mask, steering, gen):
-            if cancelled():
-                return
-            for i in range(b):
-                if done[i]:
-                    continue
-                t = int(tokens[i])
-                if t in eos:
-                    finish(i, "eos", full_text(i)[0])
-                    continue
-                ids[i].append(t)
-                text, stopped = full_text(i)
-                if stopped:
-                    finish(i, "stop", text)
-                    continue
-                safe = text.rstrip("\ufffd")
-                if hold:
-                    safe = safe[: max(len(sent[i]), len(safe) - hold)]
-                if safe.startswith(sent[i]) and len(safe) > len(sent[i]):
-                    emit({"event": "token", "index": i, "text": safe[len(sent[i]):], "token_id": t})
-                    sent[i] = safe
-            if all(done):
-                break
-    for i in range(b):
-        if not done[i]:
-            finish(i, "length", full_text(i)[0])
-    emit({"event": "usage", "prompt_tokens": sum(counts), "completion_tokens": sum(len(x) for x in ids)})

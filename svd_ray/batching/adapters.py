@@ -105,6 +105,31 @@ class RowAdapterLinear(torch.nn.Module):
         return y
 
 
+class SkinnyLinear(torch.nn.Module):
+    """``nn.Linear`` that computes few-row inputs as ``(W · xᵀ)ᵀ`` on the CPU.
+
+    Decoding feeds a handful of rows per step. On CPU BLAS, ``x · Wᵀ`` with 2–8 rows runs a GEMM kernel
+    that costs about twice the single-row GEMV, while ``W · xᵀ`` (the weight as the tall left operand)
+    streams the weight once: measured on the 2-core machine, SmolLM2's 49,152 × 576 LM head at 2 rows
+    takes ~18 ms one way and ~5 ms the other, and a whole decode step at 2 rows drops from ~85 ms to
+    ~46 ms (bench/decode_overhead.py). Same math; only the summation order inside a dot product differs.
+    """
+
+    def __init__(self, base: torch.nn.Linear, max_rows: int):
+        super().__init__()
+        self.base, self.max_rows = base, max_rows
+        self.weight, self.bias = base.weight, base.bias  # attributes other code looks up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() // x.shape[-1] if x.numel() else 0
+        if 0 < n <= self.max_rows and x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            y = torch.mm(self.weight, x.reshape(n, x.shape[-1]).t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return self.base(x)
+
+
 def _method_of(peft_model) -> str:
     cfg = peft_model.peft_config[peft_model.active_adapter]
     pt = str(cfg.peft_type.value)
@@ -164,10 +189,15 @@ class AdapterBank:
     ``model``: the *master* base model (never modified; its parameters are shared, not copied).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, skinny_rows: int = 8):
         memo = {id(p): p for p in model.parameters()}
         self.model = copy.deepcopy(model, memo)  # same parameter tensors, own module objects
         self.model.eval()
+        if skinny_rows > 0:  # few-row matmuls as W·xᵀ on the CPU (see SkinnyLinear)
+            for name, mod in list(self.model.named_modules()):
+                if type(mod) is torch.nn.Linear:
+                    parent, child = _module_parent(self.model, name)
+                    setattr(parent, child, SkinnyLinear(mod, skinny_rows))
         self._ctx = _RowContext()
         self._wrappers: dict[str, RowAdapterLinear] = {}
         self.entries: dict[int, AdapterEntry] = {}

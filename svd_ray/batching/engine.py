@@ -79,6 +79,16 @@ class EngineConfig:
             raise ValueError("engine.score_max_rows must be ≥ 2 (a choice takes an adapter-on and -off row)")
 
 
+def sliding_window_of(config) -> int | None:
+    """The sliding window of a model whose layers include sliding-window attention, else None."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None) or []
+    if window and (not kinds or any(k != "full_attention" for k in kinds)):
+        return int(window)
+    return None
+
+
 class _Work:
     """An accepted request and its progress."""
 
@@ -125,12 +135,16 @@ class _Seq:
 
 class Engine:
     def __init__(self, bank: AdapterBank, tokenizer, config: EngineConfig | None = None, tokenizer_lock=None):
-        cfg = bank.config
-        if getattr(cfg, "sliding_window", None) and any(t != "full_attention" for t in getattr(cfg, "layer_types", []) or []):
-            raise ValueError("the batching engine needs full-attention layers (this model has sliding-window layers)")
         self.bank = bank
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        window = sliding_window_of(bank.config)
+        if window is not None:
+            # Sliding-window layers mask by cache column; with padding in the cache, columns are not token
+            # distances. While every row fits in the window nothing is ever cut, so attention is exactly
+            # full attention: cap the context at the window (longer requests are refused with 413).
+            cap = window if self.config.max_positions is None else min(window, self.config.max_positions)
+            self.config = replace(self.config, max_positions=cap)
         lock = tokenizer_lock or threading.Lock()  # the tokenizer may be shared with request threads
 
         def decode(ids: list[int]) -> str:

@@ -12,7 +12,8 @@ tensor per layer of shape (R, H, T, hd) whose rows are right-aligned (left paddi
 
 A new row (``RowSpec``) is prefilled with ``prefill``: its soft prompt (prompt tuning) is prepended to
 its input embeddings, its key/value prefix (P-tuning v2) is put in front of its cache, and padding
-anywhere in a row is masked. Only full-attention (non-sliding-window) caches are supported.
+anywhere in a row is masked. Sliding-window layers see full attention as long as every row fits in the
+window, which the engine enforces (``Engine``: context capped at the window).
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ MULTIPLEX_SLOTS = 256  # Serve's own per-replica model LRU; the ModelPool enforc
 @serve.deployment(
     name="TaskModels",
     ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=8,
+    max_ongoing_requests=16,
     health_check_period_s=10,
     health_check_timeout_s=60,
     graceful_shutdown_timeout_s=30,
@@ -91,6 +91,14 @@ class TaskModels:
             self._gauges["bytes"].set(st["bytes"])
             for name in ("loads", "evictions", "refreshes", "load_failures"):
                 self._gauges[name].set(st[name])
+            for base, e in st.get("engines", {}).items():
+                tags = {"base_model": base}
+                self._gauges["running_rows"].set(e.get("running_rows", 0), tags=tags)
+                self._gauges["queued"].set(e.get("queued", 0), tags=tags)
+                self._gauges["active"].set(e.get("active_requests", 0), tags=tags)
+                self._gauges["tokens"].set(e.get("tokens_out", 0), tags=tags)
+                steps = e.get("decode_steps", 0)
+                self._gauges["batch_rows"].set(e.get("decode_rows", 0) / steps if steps else 0.0, tags=tags)
         except Exception:
             pass
 
@@ -143,6 +151,16 @@ class TaskModels:
         except asyncio.CancelledError:
             handle.cancel()
             raise
+        finally:
+            self._observe(handle)
+
+    def _observe(self, handle) -> None:
+        ttft = self._gauges.get("ttft")
+        if ttft is not None and handle.first_token_at is not None:
+            try:
+                ttft.observe(handle.first_token_at - handle.submitted_at)
+            except Exception:
+                pass
 
     async def _run(self, req: dict, submit, respond) -> dict:
         from svd_ray.batching import EngineError
@@ -201,6 +219,7 @@ class TaskModels:
                     return
         finally:  # the client went away (or the stream ended): stop the work
             handle.cancel()
+            self._observe(handle)
 
     async def stats(self) -> dict:
         return self.pool.stats()
@@ -232,7 +251,7 @@ def _replica_cpus() -> int:
 
 def _pool_gauges() -> dict:
     try:
-        from ray.serve.metrics import Gauge
+        from ray.serve.metrics import Gauge, Histogram
 
         return {
             "tasks": Gauge("svd_ray_pool_tasks", description="Tasks loaded in this model replica"),
@@ -241,6 +260,19 @@ def _pool_gauges() -> dict:
             "evictions": Gauge("svd_ray_pool_evictions", description="Task evictions since the replica started"),
             "refreshes": Gauge("svd_ray_pool_refreshes", description="Version swaps since the replica started"),
             "load_failures": Gauge("svd_ray_pool_load_failures", description="Failed task loads"),
+            "running_rows": Gauge("svd_ray_engine_running_rows", description="Rows in the decode batch now",
+                                  tag_keys=("base_model",)),
+            "queued": Gauge("svd_ray_engine_queued_requests", description="Requests waiting for admission",
+                            tag_keys=("base_model",)),
+            "active": Gauge("svd_ray_engine_active_requests", description="Requests admitted and not finished",
+                            tag_keys=("base_model",)),
+            "tokens": Gauge("svd_ray_engine_generated_tokens", description="Tokens generated since start "
+                            "(rate() = tokens/s)", tag_keys=("base_model",)),
+            "batch_rows": Gauge("svd_ray_engine_mean_batch_rows", description="Mean rows per decode step",
+                                tag_keys=("base_model",)),
+            "ttft": Histogram("svd_ray_engine_time_to_first_token_seconds",
+                              description="Submission to first token, in the model replica",
+                              boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
         }
     except Exception:
         return {}

@@ -179,6 +179,7 @@ class ModelPool:
                 "tasks": {t: {"version": e.version, "bytes": e.nbytes, "pinned": t in self.pin, "method": e.method}
                           for t, e in self._tasks.items()},
                 "bases": {b: {"bytes": e.nbytes} for b, e in self._bases.items()},
+                "engines": {b: e.engine.snapshot() for b, e in self._bases.items() if e.engine is not None},
                 "bytes": self.total_bytes(),
                 "max_bytes": self.max_bytes,
                 "max_tasks": self.max_tasks,

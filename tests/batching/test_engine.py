@@ -297,3 +297,36 @@ def test_threaded_engine_serves_concurrent_clients(world):
                 world, task, prompt, steering_for("svdecode"), GenerationConfig(max_new_tokens=6, eos_token_ids=(0,)))
     finally:
         eng.stop()
+
+
+def test_sliding_window_model_is_exact_within_its_window():
+    """Gemma-3-style layers (sliding window + full): the engine caps the context at the window, where
+    padding in the cache cannot change what a sliding-window layer sees; mixed batches stay exact."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    from batching_helpers import task_adapter
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=24,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
+    base = Gemma3ForCausalLM(cfg).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    tasks = {m: task_adapter(base, m, seed=i) for i, m in enumerate(["lora", "prompt_tuning", "p_tuning_v2"])}
+    eng = Engine(AdapterBank(base), CharTokenizer(), EngineConfig(prefill_chunk=5))
+    assert eng.config.max_positions == 24
+    adapters = {m: eng.add_adapter(m, pm) for m, pm in tasks.items()}
+    rng = random.Random(11)
+    plan = [(m, rand_prompt(rng, rng.randrange(2, 12)), rng.randrange(3, 9)) for m in tasks for _ in range(2)]
+    handles = []
+    for task, prompt, n in plan:
+        handles.append(eng.submit(gen_request(adapters[task], prompt, "svdecode", n)))
+        eng.run_once()
+    eng.run_until_idle()
+    for h, (task, prompt, n) in zip(handles, plan):
+        ref = generate(DualModel(tasks[task]), torch.tensor([prompt]), None, steering_for("svdecode"),
+                       GenerationConfig(max_new_tokens=n, eos_token_ids=(0,)))[0].token_ids
+        assert h.result(0)["results"][0].token_ids == ref, task
+    with pytest.raises(RequestTooLarge):
+        eng.submit(gen_request(adapters["lora"], [1] * 20, "svdecode", 10))

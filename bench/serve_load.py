@@ -80,12 +80,13 @@ def model_time(store_uri: str, model: str, new_tokens: int, n: int) -> float:
     pool = ModelPool(open_store(store_uri), allowed_bases=[model], device="cpu")
     lt = pool.acquire("bench-lora")
     times = []
-    for i in range(n + 1):
+    for i in range(-1, n):
         req = generation_payload("bench-lora", [PROMPTS[i % len(PROMPTS)]], max_new_tokens=new_tokens, temperature=0,
-                                 top_p=1.0, top_k=0, steering={"mode": "svdecode", "mu": None, "alpha": None})
+                                 top_p=1.0, top_k=0, steering={"mode": "svdecode", "mu": None, "alpha": None},
+                                 min_new_tokens=new_tokens)
         t0 = time.perf_counter()
         run_generate(lt, req)
-        if i:  # the first one warms up
+        if i >= 0:  # the first one warms up; then the same 8 prompts as the HTTP runs
             times.append(time.perf_counter() - t0)
     pool.close()
     return statistics.median(times)
@@ -111,7 +112,7 @@ def run_load(base: str, tasks: list[str], concurrency: int, requests: int, new_t
             return
         task = tasks[i % len(tasks)]
         dt, out = post(f"{base}/v1/tasks/{task}/generate",
-                       {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens})
+                       {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
         with lock:
             lat.append(dt)
             tokens += out["usage"]["completion_tokens"]
@@ -126,9 +127,8 @@ def run_load(base: str, tasks: list[str], concurrency: int, requests: int, new_t
 
 
 def heavy_body() -> dict:
-    words = " ".join(f"w{i}" for i in range(600))  # ~1000 tokens
-    choice = " " + " ".join(f"c{i}" for i in range(250))
-    return {"prompt": words[:7900], "choices": [choice[:1990] + f" {k}" for k in range(8)]}
+    """Within the default limits: a ~1000-token prompt and 8 choices of ~400 tokens (one token per word)."""
+    return {"prompt": "the" + " the" * 999, "choices": [" the" * 400 + f" {k}" for k in range(8)]}
 
 
 def main() -> int:
@@ -145,7 +145,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     store_uri = (work / "store").as_uri()
     publish_tasks(store_uri, args.model)
-    t_model = model_time(store_uri, args.model, args.new_tokens, 5)
+    t_model = model_time(store_uri, args.model, args.new_tokens, 8)
     print(f"# in-process model time, one steered request of {args.new_tokens} tokens: {t_model:.3f} s", flush=True)
 
     import ray

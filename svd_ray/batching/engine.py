@@ -9,11 +9,12 @@ Each iteration, at a token boundary:
               from the batch at once, so the work stops, not only the response;
   3. admit    queued requests are admitted round-robin over tenants while the reserved rows and KV
               tokens (rows × (virtual + prompt + max_new)) fit the budget (``EngineConfig``);
-  4. side     prefill and other non-decode work, at most ``step_token_budget`` tokens per iteration:
-              new short prompts of any tasks are prefilled together in one forward; long prompts are
-              prefilled in chunks of ``prefill_chunk`` tokens; multiple-choice scoring and beam search
-              advance one bounded forward at a time — round-robin over tenants, so a heavy request
-              slows the others by at most one chunk per token, never blocks them;
+  4. side     prefill and other non-decode work, about ``step_token_budget`` positions (rows × tokens)
+              per kind of work per iteration: new short prompts of any tasks are prefilled together in
+              one forward; long prompts are prefilled in chunks; the next forwards of all scoring
+              requests run merged into one forward (rows of different requests side by side); beam
+              search advances one step — round-robin over tenants, so a heavy request slows the others
+              by a bounded amount per token, never blocks them;
   5. decode   one forward over every running row: rows of different tasks and methods, and each
               steered sequence's adapter-on and adapter-off rows (``AdapterBank`` slot −1), together.
               Then ẑ is formed per row (``steering.form_steered_logits`` with per-row μ, α), tokens are
@@ -52,7 +53,7 @@ from svd_ray.batching.requests import (
 from svd_ray.batching.rows import RowBatch, RowSpec, extend, prefill, step
 from svd_ray.batching.text import TextTracker
 from svd_ray.decoding.generate import GenerationResult, iter_beam_search, sampling_logits
-from svd_ray.decoding.scoring import iter_choice_scores
+from svd_ray.batching.scoring import ScoreJob, run_plans
 from svd_ray.steering import form_steered_logits
 
 log = logging.getLogger("svd_ray.batching")
@@ -64,8 +65,8 @@ class EngineConfig:
 
     max_rows: int = 32  # rows decoded together (a steered sequence takes 2, a beam 1 per beam and branch)
     max_kv_tokens: int = 65536  # KV cache entries reserved by admitted work (≈ 1.4 GB for SmolLM2 fp32)
-    prefill_chunk: int = 64  # tokens per prefill / scoring forward of one request
-    step_token_budget: int = 128  # prefill / scoring tokens between two decode steps
+    prefill_chunk: int = 64  # at most this many tokens per row in one prefill / scoring forward
+    step_token_budget: int = 64  # prefill / scoring positions (rows × tokens) between two decode steps
     score_max_rows: int = 8  # rows per scoring forward (a choice takes 2)
     max_blocked_s: float = 5.0  # a queued request this old stops admission of others until it fits
     max_positions: int | None = None  # the model's context (virtual tokens included); None = unchecked
@@ -100,7 +101,8 @@ class _Work:
         self.tenant = self.req.tenant
         self.rows, self.kv = rows, kv
         self.seqs: list[_Seq] = []
-        self.job = None  # generator (scoring, beam search)
+        self.job = None  # generator (beam search)
+        self.score = None  # ScoreJob
         self.done = False
 
 
@@ -368,9 +370,8 @@ class Engine:
         self._active.append(w)
         req = w.req
         if isinstance(req, ScoreRequest):
-            w.job = iter_choice_scores(FusedDual(self.bank, req.adapter.slot), req.prompt, req.choices, req.steering,
-                                       req.outside_mask, with_base=True, max_rows=self.config.score_max_rows,
-                                       chunk_tokens=self.config.prefill_chunk)
+            w.score = ScoreJob(req, max_rows=self.config.score_max_rows, chunk=self.config.prefill_chunk,
+                               device=self.bank.device, token_budget=self.config.step_token_budget)
         elif req.gen.num_beams > 1:
             gen = replace(req.gen, eos_token_ids=req.gen.eos_token_ids or self.eos_ids)
             w.job = self._beam_job(w, gen)
@@ -402,7 +403,7 @@ class Engine:
         fresh = [s for s in self._tenant_fair(self._prefilling) if s.consumed == 0 and s.staged is None]
         group, tokens = [], 0
         for s in fresh:
-            n = min(c.prefill_chunk, len(s.prompt)) * s.n_rows
+            n = min(self._chunk(s.n_rows), len(s.prompt)) * s.n_rows
             if group and tokens + n > budget:
                 break
             group.append(s)
@@ -411,7 +412,12 @@ class Engine:
             self._prefill_group(group)
             budget -= tokens
             did = True
-        # (b) long prompts' later chunks, scoring and beam steps: one step each, round-robin, at least one
+        # (b) scoring: the next forward of every score request, merged across requests (≤ score_max_rows rows)
+        scoring = self._tenant_fair([w for w in self._active if w.score is not None])
+        if scoring:
+            budget -= self._score_step(scoring)
+            did = True
+        # (c) long prompts' later chunks and beam steps: one step each, round-robin, at least one
         units = [s for s in self._prefilling if s.staged is not None] + [w for w in self._active if w.job is not None]
         units = self._tenant_fair(units)
         for k, u in enumerate(units):
@@ -423,6 +429,36 @@ class Engine:
                 budget -= self._job_step(u)
             did = True
         return did
+
+    def _score_step(self, works: list[_Work]) -> int:
+        plans, rows = [], 0
+        for w in works:
+            try:
+                plan = w.score.plan()
+            except Exception:
+                log.exception("request %s failed", w.id)
+                self._finish(w, error=EngineError("model error"))
+                continue
+            if plan is None:
+                self._finish(w, result=w.score.result())
+                continue
+            if plans and rows + plan.rows > self.config.score_max_rows:
+                w.score.pending = plan  # keep it for the next iteration (plan() already advanced the job)
+                continue
+            plans.append(plan)
+            rows += plan.rows
+        if not plans:
+            return 0
+        with torch.inference_mode():
+            n = run_plans(self.bank, plans)
+        self.stats["score_forwards"] += 1
+        self.stats["score_plans"] += len(plans)
+        return n
+
+    def _chunk(self, rows: int) -> int:
+        """Tokens per row of one side forward: ≤ prefill_chunk, and rows × tokens ≤ step_token_budget."""
+        c = self.config
+        return max(1, min(c.prefill_chunk, c.step_token_budget // max(1, rows)))
 
     def _tenant_fair(self, items: list) -> list:
         """Interleave items by tenant (first item of each tenant, then the second…), rotating the start."""
@@ -444,7 +480,7 @@ class Engine:
         c = self.config
         specs, spans = [], []
         for s in group:
-            chunk = s.prompt[: c.prefill_chunk]
+            chunk = s.prompt[: self._chunk(s.n_rows)]
             spans.append((len(specs), s.n_rows))
             specs += s.specs(chunk)
             s.consumed = len(chunk)
@@ -468,7 +504,7 @@ class Engine:
 
     def _prefill_continue(self, s: _Seq) -> int:
         c = self.config
-        chunk = s.prompt[s.consumed: s.consumed + c.prefill_chunk]
+        chunk = s.prompt[s.consumed: s.consumed + self._chunk(s.n_rows)]
         tokens = torch.tensor([chunk] * s.n_rows, device=self.bank.device)
         with torch.inference_mode():
             logits = extend(self.bank, s.staged, tokens, last_only=True)[:, -1]
@@ -557,6 +593,9 @@ class Engine:
                                   else seqs[i].mean_delta for i in idx]).to(z_on.device)
             steered[it] = form_steered_logits(z_on[it], z_off[it] if mode == "svdecode" else None, mode=mode,
                                               mu=mu, alpha=alpha, mean_delta=md).float()
+        for i, s in enumerate(seqs):
+            if len(s.tracker.ids) < s.gen.min_new_tokens:
+                steered[i, list(s.gen.eos_token_ids or self.eos_ids)] = float("-inf")
         greedy = steered.argmax(-1).tolist()
         for i, s in enumerate(seqs):
             if s.gen.do_sample:
@@ -611,6 +650,7 @@ class Engine:
         if w.job is not None:
             w.job.close()
             w.job = None
+        w.score = None
         if w.seqs:
             mine = set(map(id, w.seqs))
             self._prefilling = [s for s in self._prefilling if id(s) not in mine]

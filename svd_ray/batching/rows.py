@@ -85,11 +85,17 @@ class RowBatch:
     @staticmethod
     def concat(a: "RowBatch", b: "RowBatch") -> "RowBatch":
         """Rows of ``a`` then rows of ``b``; the narrower cache is left-padded to the wider one."""
-        if len(a) == 0:
-            return b
-        if len(b) == 0:
-            return a
-        width = max(a.width, b.width)
+        return RowBatch.concat_many([a, b])
+
+    @staticmethod
+    def concat_many(batches: list["RowBatch"]) -> "RowBatch":
+        """The rows of every batch in order, in one copy; narrower caches are left-padded."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.width for b in batches)
 
         def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
             if n == 0:
@@ -98,14 +104,14 @@ class RowBatch:
             shape[dim] = n
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        mask = torch.cat([pad(a.mask, width - a.width, 1), pad(b.mask, width - b.width, 1)])
+        mask = torch.cat([pad(b.mask, width - b.width, 1) for b in batches])
         layers = []
-        for la, lb in zip(a.cache.layers, b.cache.layers):
-            k = torch.cat([pad(la.keys, width - a.width, 2), pad(lb.keys, width - b.width, 2)])
-            v = torch.cat([pad(la.values, width - a.width, 2), pad(lb.values, width - b.width, 2)])
+        for per_layer in zip(*(b.cache.layers for b in batches)):
+            k = torch.cat([pad(la.keys, width - b.width, 2) for la, b in zip(per_layer, batches)])
+            v = torch.cat([pad(la.values, width - b.width, 2) for la, b in zip(per_layer, batches)])
             layers.append((k, v))
-        return RowBatch(DynamicCache(ddp_cache_data=layers), mask, torch.cat([a.next_pos, b.next_pos]),
-                        torch.cat([a.slots, b.slots]))
+        return RowBatch(DynamicCache(ddp_cache_data=layers), mask, torch.cat([b.next_pos for b in batches]),
+                        torch.cat([b.slots for b in batches]))
 
 
 def _forward(bank: AdapterBank, batch: RowBatch, new_mask: torch.Tensor, positions: torch.Tensor, *,

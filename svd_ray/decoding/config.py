@@ -52,6 +52,7 @@ class GenerationConfig:
     """Token selection on the steered distribution p̂ = softmax(ẑ / temperature)."""
 
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # EOS is not chosen before this many tokens (stop strings still end early)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
@@ -65,6 +66,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be ≥ 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be in [0, max_new_tokens]")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.top_k < 0:

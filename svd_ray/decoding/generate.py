@@ -86,7 +86,10 @@ def iter_generate(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     generator = _generator(gen, input_ids.device)
     for step in range(gen.max_new_tokens):
-        tokens = select_tokens(steering.steer(z_phi, z_theta), gen, generator)
+        steered = steering.steer(z_phi, z_theta)
+        if step < gen.min_new_tokens and gen.eos_token_ids:
+            steered[:, list(gen.eos_token_ids)] = float("-inf")
+        tokens = select_tokens(steered, gen, generator)
         tokens = torch.where(finished, eos[0].clamp_min(0), tokens)
         yield tokens, finished.clone()
         finished |= torch.isin(tokens, eos)
@@ -139,6 +142,8 @@ def iter_beam_search(dual, input_ids, attention_mask, steering, gen):
 
     for step in range(gen.max_new_tokens):
         logp = torch.log_softmax(steering.steer(z_phi, z_theta), dim=-1)  # (b·k, V)
+        if step < gen.min_new_tokens and eos:
+            logp[:, sorted(eos)] = float("-inf")
         vocab = logp.shape[-1]
         cand = (beam_scores.view(-1, 1) + logp).view(b, k * vocab)
         top_scores, top_idx = torch.topk(cand, min(2 * k, k * vocab), dim=-1)

@@ -325,7 +325,8 @@ def create_app(svc: IngressService) -> FastAPI:
         payload = generation_payload(task, req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                                      top_p=req.top_p, top_k=req.top_k, num_beams=req.num_beams,
                                      length_penalty=req.length_penalty, seed=req.seed, stop=req.stop,
-                                     steering=req.steering_dict(), tenant=tenant.name)
+                                     steering=req.steering_dict(), tenant=tenant.name,
+                                     min_new_tokens=req.min_new_tokens)
         if req.stream:
             first, it = await svc.open_stream(task, payload)
             return StreamingResponse(_native_sse(svc, task, first, it), media_type="text/event-stream",

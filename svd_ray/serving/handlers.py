@@ -49,13 +49,16 @@ def _gen_config(spec: dict, eos: tuple[int, ...]):
 
     try:
         return GenerationConfig(
-            max_new_tokens=int(spec["max_new_tokens"]), do_sample=bool(spec["do_sample"]),
+            max_new_tokens=int(spec["max_new_tokens"]), min_new_tokens=int(spec.get("min_new_tokens", 0)),
+            do_sample=bool(spec["do_sample"]),
             temperature=float(spec["temperature"]), top_k=int(spec["top_k"]), top_p=float(spec["top_p"]),
             num_beams=int(spec.get("num_beams", 1)), length_penalty=float(spec.get("length_penalty", 1.0)),
             seed=spec.get("seed"), stop_strings=tuple(spec.get("stop_strings") or ()), eos_token_ids=eos,
         )
     except ValueError as exc:
-        raise InputError(str(exc), "body") from None
+        field = next((f"body.{k}" for k in ("min_new_tokens", "max_new_tokens", "temperature", "top_p", "top_k")
+                      if str(exc).startswith(k)), "body")
+        raise InputError(str(exc), field) from None
 
 
 def _encode(lt: LoadedTask, texts: list[str]) -> list[list[int]]:

@@ -155,6 +155,7 @@ class GenerateRequest(_SteeringFields):
 
     prompt: Prompts
     max_new_tokens: int = Field(32, ge=1)
+    min_new_tokens: int = Field(0, ge=0, description="EOS is not chosen before this many tokens")
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000)
@@ -164,6 +165,12 @@ class GenerateRequest(_SteeringFields):
     stop: StopList = Field(default_factory=list)
     stream: bool = False
 
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_le_max(cls, v, info):
+        if v > info.data.get("max_new_tokens", v):
+            raise ValueError("must be ≤ max_new_tokens")
+        return v
 
 
 class ScoreRequest(_SteeringFields):
@@ -266,8 +273,8 @@ class EngineSettings(_Settings):
 
     max_rows: int = Field(32, gt=0)  # rows decoded together (a steered sequence takes 2)
     max_kv_tokens: int = Field(65536, gt=0)  # KV entries reserved by admitted requests
-    prefill_chunk: int = Field(64, gt=0)  # tokens per prefill / scoring forward of one request
-    step_token_budget: int = Field(128, gt=0)  # prefill / scoring tokens between two decode steps
+    prefill_chunk: int = Field(64, gt=0)  # at most this many tokens per row in one prefill / scoring forward
+    step_token_budget: int = Field(64, gt=0)  # prefill / scoring positions (rows × tokens) between decode steps
     score_max_rows: int = Field(8, ge=2)  # rows per scoring forward (a choice takes 2)
     max_blocked_s: float = Field(5.0, gt=0)
 
@@ -367,7 +374,8 @@ def check_score_limits(req: ScoreRequest, limits: Limits) -> None:
 # ------------------------------------------------------------------------------------------- payloads
 def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
                        top_k: int, num_beams: int = 1, length_penalty: float = 1.0, seed: int | None = None,
-                       stop: list[str] | None = None, steering: dict, tenant: str = "default") -> dict:
+                       stop: list[str] | None = None, steering: dict, tenant: str = "default",
+                       min_new_tokens: int = 0) -> dict:
     """The plain-dict request the ingress sends to the model deployment."""
     return {
         "task": task,
@@ -375,6 +383,7 @@ def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, te
         "prompts": list(prompts),
         "gen": {
             "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
             "do_sample": temperature > 0,
             "temperature": temperature if temperature > 0 else 1.0,
             "top_k": top_k,

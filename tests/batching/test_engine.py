@@ -116,7 +116,9 @@ def test_busy_mixed_batch_is_token_for_token_exact(world):
 
 
 def test_scores_in_a_busy_engine_match_reference(world):
-    eng, adapters = make_engine(world, prefill_chunk=5, score_max_rows=4)
+    """Score requests of four methods, merged into shared forwards (prompts chunked, choice groups), with
+    decoding alongside: each equals the per-request reference."""
+    eng, adapters = make_engine(world, prefill_chunk=5, score_max_rows=8)
     rng = random.Random(2)
     steering = steering_for("svdecode", mu=1.5)
     items = []
@@ -126,6 +128,7 @@ def test_scores_in_a_busy_engine_match_reference(world):
         items.append((task, prompt, choices, eng.submit(ScoreRequest(adapters[task], prompt, choices, steering, tenant=str(k)))))
         eng.submit(gen_request(adapters["lora2"], rand_prompt(rng, 9), "svdecode", 6))  # decoding alongside
     eng.run_until_idle()
+    assert eng.stats["score_plans"] > eng.stats["score_forwards"]  # score requests shared forwards
     for task, prompt, choices, h in items:
         got = h.result(0)
         ref = score_choice_ids(DualModel(world[1][task]), prompt, choices, steering)
@@ -152,7 +155,7 @@ def test_chunked_prefill_of_a_long_prompt_is_exact(world):
     prompt = rand_prompt(random.Random(4), 100)
     outs = []
     for chunk in (7, 512):
-        eng, adapters = make_engine(world, prefill_chunk=chunk, step_token_budget=chunk)
+        eng, adapters = make_engine(world, prefill_chunk=chunk, step_token_budget=2 * chunk)
         h = eng.submit(gen_request(adapters["prompt_tuning"], prompt, "svdecode", 8))
         eng.run_until_idle()
         outs.append(h.result(0)["results"][0].token_ids)
@@ -330,3 +333,28 @@ def test_sliding_window_model_is_exact_within_its_window():
         assert h.result(0)["results"][0].token_ids == ref, task
     with pytest.raises(RequestTooLarge):
         eng.submit(gen_request(adapters["lora"], [1] * 20, "svdecode", 10))
+
+
+def test_min_new_tokens_defers_eos_in_engine_and_reference(world):
+    eng, adapters = make_engine(world)
+    prompt = rand_prompt(random.Random(12), 5)
+    base_req = gen_request(adapters["lora"], prompt, "svdecode", 12)
+    h0 = eng.submit(base_req)
+    eng.run_until_idle()
+    natural = h0.result(0)["results"][0]
+    first = natural.token_ids[0]
+    # make the first natural token an "EOS": without min_new_tokens it ends at once, with it it must not
+    req = gen_request(adapters["lora"], prompt, "svdecode", 12)
+    req.gen.eos_token_ids = (first,)
+    stopped = eng.submit(req)
+    req2 = gen_request(adapters["lora"], prompt, "svdecode", 12, min_new_tokens=12)
+    req2.gen.eos_token_ids = (first,)
+    forced = eng.submit(req2)
+    eng.run_until_idle()
+    early = stopped.result(0)["results"][0]
+    assert early.token_ids == [] and early.finish_reason == "eos"
+    out = forced.result(0)["results"][0]
+    assert len(out.token_ids) == 12 and first not in out.token_ids and out.finish_reason == "length"
+    ref = generate(DualModel(world[1]["lora"]), torch.tensor([prompt]), None, steering_for("svdecode"),
+                   GenerationConfig(max_new_tokens=12, min_new_tokens=12, eos_token_ids=(first,)))[0].token_ids
+    assert out.token_ids == ref

@@ -66,7 +66,7 @@ class EngineConfig:
     max_rows: int = 32  # rows decoded together (a steered sequence takes 2, a beam 1 per beam and branch)
     max_kv_tokens: int = 65536  # KV cache entries reserved by admitted work (≈ 1.4 GB for SmolLM2 fp32)
     prefill_chunk: int = 64  # at most this many tokens per row in one prefill / scoring forward
-    step_token_budget: int = 64  # prefill / scoring positions (rows × tokens) between two decode steps
+    step_token_budget: int = 32  # prefill / scoring positions (rows × tokens) between two decode steps
     score_max_rows: int = 8  # rows per scoring forward (a choice takes 2)
     max_blocked_s: float = 5.0  # a queued request this old stops admission of others until it fits
     max_positions: int | None = None  # the model's context (virtual tokens included); None = unchecked
@@ -167,6 +167,7 @@ class Engine:
         self._retired: dict[int, float] = {}  # slot → when it was removed
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._budget = self.config.step_token_budget  # side-work positions of the current iteration
         self.stats = collections.Counter()
 
     # ------------------------------------------------------------------ public API (any thread)
@@ -397,7 +398,11 @@ class Engine:
     # ------------------------------------------------------------------ 4. side work
     def _side_work(self) -> bool:
         c = self.config
-        budget = c.step_token_budget
+        # With other requests waiting or decoding, side work is bounded so their tokens keep flowing; a
+        # request alone in the engine may use its full chunks (nobody to be fair to).
+        alone = not self._rows and len(self._active) <= 1 and not any(self._queues.values())
+        budget = c.step_token_budget * (8 if alone else 1)
+        self._budget = budget
         did = False
         # (a) new prompts of any tasks: their first chunks in ONE forward
         fresh = [s for s in self._tenant_fair(self._prefilling) if s.consumed == 0 and s.staged is None]
@@ -434,7 +439,7 @@ class Engine:
         plans, rows = [], 0
         for w in works:
             try:
-                plan = w.score.plan()
+                plan = w.score.plan(self._budget)
             except Exception:
                 log.exception("request %s failed", w.id)
                 self._finish(w, error=EngineError("model error"))
@@ -456,9 +461,10 @@ class Engine:
         return n
 
     def _chunk(self, rows: int) -> int:
-        """Tokens per row of one side forward: ≤ prefill_chunk, and rows × tokens ≤ step_token_budget."""
+        """Tokens per row of one side forward: ≤ prefill_chunk, and rows × tokens ≤ this iteration's budget."""
         c = self.config
-        return max(1, min(c.prefill_chunk, c.step_token_budget // max(1, rows)))
+        budget = self._budget
+        return max(1, min(c.prefill_chunk, budget // max(1, rows)))
 
     def _tenant_fair(self, items: list) -> list:
         """Interleave items by tenant (first item of each tenant, then the second…), rotating the start."""

@@ -65,8 +65,11 @@ class ScoreJob:
         self.pending: Plan | None = None  # a plan made but not run (the merged forward was full)
 
     # ------------------------------------------------------------------ planning
-    def plan(self) -> Plan | None:
-        """The next forward (None when the job is complete). Call once per forward: it advances the job."""
+    def plan(self, budget: int | None = None) -> Plan | None:
+        """The next forward (None when the job is complete), sized to ``budget`` positions (rows × tokens) if
+        given. Call once per forward: it advances the job."""
+        if budget is not None:
+            self.budget = max(1, int(budget))
         if self.pending is not None:
             plan, self.pending = self.pending, None
             return plan

@@ -274,7 +274,7 @@ class EngineSettings(_Settings):
     max_rows: int = Field(32, gt=0)  # rows decoded together (a steered sequence takes 2)
     max_kv_tokens: int = Field(65536, gt=0)  # KV entries reserved by admitted requests
     prefill_chunk: int = Field(64, gt=0)  # at most this many tokens per row in one prefill / scoring forward
-    step_token_budget: int = Field(64, gt=0)  # prefill / scoring positions (rows × tokens) between decode steps
+    step_token_budget: int = Field(32, gt=0)  # prefill / scoring positions (rows × tokens) between decode steps
     score_max_rows: int = Field(8, ge=2)  # rows per scoring forward (a choice takes 2)
     max_blocked_s: float = Field(5.0, gt=0)
 

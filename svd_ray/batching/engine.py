@@ -404,19 +404,21 @@ class Engine:
         budget = c.step_token_budget * (8 if alone else 1)
         self._budget = budget
         did = False
-        # (a) new prompts of any tasks: their first chunks in ONE forward
+        # (a) new prompts of any tasks: their first chunks in ONE forward. New short prompts arrive with real
+        # load and are fair between tenants, so they get 8× the budget; a long prompt's later chunks do not.
         fresh = [s for s in self._tenant_fair(self._prefilling) if s.consumed == 0 and s.staged is None]
         group, tokens = [], 0
+        self._budget = 8 * c.step_token_budget
         for s in fresh:
             n = min(self._chunk(s.n_rows), len(s.prompt)) * s.n_rows
-            if group and tokens + n > budget:
+            if group and tokens + n > self._budget:
                 break
             group.append(s)
             tokens += n
         if group:
             self._prefill_group(group)
-            budget -= tokens
             did = True
+        self._budget = budget
         # (b) scoring: the next forward of every score request, merged across requests (≤ score_max_rows rows)
         scoring = self._tenant_fair([w for w in self._active if w.score is not None])
         if scoring:

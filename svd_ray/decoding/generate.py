@@ -33,6 +33,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass strictly before it already reaches top_p
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False  # the best token stays even when top_p rounds to 0 in float32
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
@@ -45,7 +46,10 @@ def sampling_logits(steered: torch.Tensor, temperature: float, top_k: int = 0, t
     is 0 and the rest are ≤ 0 (possibly −inf), so no inf − inf, and softmax never sees NaN.
     """
     z = steered.float()
-    z = (z - z.max(dim=-1, keepdim=True).values) / temperature
+    z = z - z.max(dim=-1, keepdim=True).values
+    # T may round to 0 in float32 (or be flushed as a denormal): then z/T is −inf for every non-best token
+    # and 0/0 = NaN for the best ones, which are put back to 0 — the T → 0 limit, i.e. greedy.
+    z = torch.where(z == 0, torch.zeros_like(z), z / temperature)
     z = torch.nan_to_num(z, nan=float("-inf"), neginf=float("-inf"))
     return filter_logits(z, top_k, top_p)
 

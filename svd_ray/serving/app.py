@@ -3,7 +3,7 @@
 Routes (JSON; every error is ``{"error": {"type", "message", "field", "status"}}``)::
 
     GET  /healthz                         liveness of this ingress replica (no key needed)
-    GET  /metrics                         Prometheus text (no key needed unless metrics_public is false)
+    GET  /metrics                         Prometheus text (public without keys; with keys: admin keys only)
     GET  /v1/tasks                        the tasks the caller may use, with version / method / μ̄
     GET  /v1/tasks/{task}                 one of them
     GET  /v1/models                       the same list, OpenAI-shaped
@@ -35,6 +35,7 @@ from svd_ray.serving.auth import Authenticator, AuthState, RateLimiter, Tenant
 from svd_ray.serving.metrics import Metrics, MetricsMiddleware
 from svd_ray.serving.schemas import (
     ApiError,
+    ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     ScoreRequest,
@@ -42,6 +43,7 @@ from svd_ray.serving.schemas import (
     check_generate_limits,
     check_score_limits,
     generation_payload,
+    invalid,
     not_found_task,
     parse_json_body,
     parse_model,
@@ -170,6 +172,12 @@ class IngressService:
         return tenant
 
     async def read_json(self, request: Request) -> dict:
+        # JSON only: a text/plain or form POST is what a web page can send cross-site without a preflight
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           f"send the body as application/json (got {ctype or 'no Content-Type'!r})",
+                           "header.content-type")
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -251,7 +259,8 @@ async def _aclose(it) -> None:
 
 # ------------------------------------------------------------------------------------------- app
 def create_app(svc: IngressService) -> FastAPI:
-    app = FastAPI(title="svd-ray", version="1", docs_url="/docs", redoc_url=None)
+    # redirect_slashes=False: '/v1/tasks/' is a JSON 404, never a redirect whose Location echoes the Host header
+    app = FastAPI(title="svd-ray", version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False)
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
     app.state.svc = svc
     limits = svc.limits
@@ -286,10 +295,18 @@ def create_app(svc: IngressService) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        if not svc.settings.metrics_public:
-            svc.auth.authenticate(request.headers.get("authorization"))
         body, ctype = svc.metrics.render()
-        return Response(body, media_type=ctype)
+        public = svc.settings.metrics_public
+        if svc.auth.disabled:
+            return Response(body, media_type=ctype)
+        if public is None or not public or request.headers.get("authorization"):
+            tenant = svc.auth.authenticate(request.headers.get("authorization"))
+            if tenant.admin:
+                return Response(body, media_type=ctype)
+            if not public:
+                raise ApiError(403, "forbidden", "reading /metrics needs an admin key (tenants file: admin: true)",
+                               "header.authorization")
+        return Response(_without_tenant_labels(body), media_type=ctype)
 
     # ------------------------------------------------------------------ listing
     async def _visible(tenant: Tenant) -> list[str]:
@@ -312,7 +329,14 @@ def create_app(svc: IngressService) -> FastAPI:
     async def list_models(request: Request):
         tenant = svc.begin(request)
         tasks = await _visible(tenant)
-        return {"object": "list", "data": [{"id": t, "object": "model", "owned_by": "svd-ray"} for t in tasks]}
+        infos = await asyncio.gather(*(svc.task_info(t) for t in tasks))
+        return {"object": "list", "data": [_model_entry(t, i) for t, i in zip(tasks, infos)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str, request: Request):
+        tenant = svc.begin(request)
+        await svc.check_task(tenant, model_id)
+        return _model_entry(model_id, await svc.task_info(model_id))
 
     # ------------------------------------------------------------------ generate
     @app.post("/v1/tasks/{task}/generate")
@@ -383,7 +407,95 @@ def create_app(svc: IngressService) -> FastAPI:
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         }
 
+    # ------------------------------------------------------------------ chat completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        tenant = svc.begin(request)
+        req = parse_model(ChatCompletionRequest, await svc.read_json(request))
+        max_tokens = req.new_tokens()
+        field = "body.max_completion_tokens" if req.max_completion_tokens else "body.max_tokens"
+        check_generate_limits([], max_tokens, 1, req.stop, limits, tokens_field=field)
+        if req.chars() > limits.max_prompt_chars:
+            raise invalid("body.messages", f"messages total {req.chars()} characters; the limit is "
+                                           f"{limits.max_prompt_chars}")
+        task = req.model
+        await svc.check_task(tenant, task, field="body.model")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        payload = generation_payload(task, [], max_new_tokens=max_tokens, temperature=req.temperature,
+                                     top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
+                                     steering=req.steering_dict(), tenant=tenant.name, messages=messages)
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            first, it = await svc.open_stream(task, payload)
+            return StreamingResponse(_chat_sse(svc, task, cid, created, first, it, include_usage),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        out = await svc.call_model("generate", task, payload)
+        usage = out["usage"]
+        svc.metrics.usage(task, out["steering"]["mode"], usage["prompt_tokens"], usage["completion_tokens"])
+        r = out["results"][0]
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": task,
+            "system_fingerprint": out["version"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                         "finish_reason": _FINISH_OPENAI[r["finish_reason"]]}],
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        }
+
     return app
+
+
+async def _chat_sse(svc: IngressService, task: str, cid: str, created: int, first: dict, it,
+                    include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI ``chat.completion.chunk`` events: a role delta, content deltas, a finish chunk, [DONE]."""
+    version = first.get("version")
+    mode = (first.get("steering") or {}).get("mode", "?")
+
+    def chunk(choices: list, usage: dict | None = None) -> bytes:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": task,
+                "system_fingerprint": version, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+    async for ev in svc.events(it):
+        name = ev.get("event")
+        if name == "token":
+            yield chunk([{"index": 0, "delta": {"content": ev["text"]}, "logprobs": None, "finish_reason": None}])
+        elif name == "end":
+            yield chunk([{"index": 0, "delta": {}, "logprobs": None,
+                          "finish_reason": _FINISH_OPENAI.get(ev["finish_reason"], "stop")}])
+        elif name == "usage":
+            svc.metrics.usage(task, mode, ev.get("prompt_tokens", 0), ev.get("completion_tokens", 0))
+            if include_usage:
+                yield chunk([], {"prompt_tokens": ev["prompt_tokens"], "completion_tokens": ev["completion_tokens"],
+                                 "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]})
+        elif name == "error":
+            yield _sse({"error": ev.get("error")})
+            return
+    yield _sse("[DONE]")
+
+
+def _without_tenant_labels(body: bytes) -> bytes:
+    """Prometheus text minus the samples labelled by tenant or task (public metrics with keys configured)."""
+    keep = [line for line in body.split(b"\n") if not (b'tenant="' in line or b'task="' in line)]
+    return b"\n".join(keep)
+
+
+def _model_entry(task: str, info: dict) -> dict:
+    """An OpenAI model object for a task; ``created`` = when its served version was published (unix s)."""
+    created = 0
+    stamp = (info or {}).get("created_at")
+    if isinstance(stamp, str):
+        try:
+            from datetime import datetime
+
+            created = int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            created = 0
+    return {"id": task, "object": "model", "created": created, "owned_by": "svd-ray"}
 
 
 async def _native_sse(svc: IngressService, task: str, first: dict, it) -> AsyncIterator[bytes]:

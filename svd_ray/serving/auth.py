@@ -57,6 +57,7 @@ class Tenant:
     name: str
     tasks: frozenset[str] | None  # None = every task
     rate: RateLimit = field(default_factory=RateLimit)
+    admin: bool = False  # may read /metrics (every tenant's series) when metrics are private
 
     def may_use(self, task: str) -> bool:
         return self.tasks is None or task in self.tasks
@@ -71,6 +72,7 @@ class _TenantSpec(_Strict):
     keys_sha256: list[str] = Field(default_factory=list)
     tasks: list[str] | str
     rate_limit: RateLimit | None = None
+    admin: bool = False  # operators: read /metrics (all tenants' series)
 
     @field_validator("keys_sha256")
     @classmethod
@@ -117,7 +119,8 @@ class AuthState:
         return {
             "mode": self.mode,
             "tenants": {
-                n: {"tasks": None if t.tasks is None else sorted(t.tasks), "rate": t.rate.model_dump()}
+                n: {"tasks": None if t.tasks is None else sorted(t.tasks), "rate": t.rate.model_dump(),
+                    "admin": t.admin}
                 for n, t in self.tenants.items()
             },
             "key_index": dict(self.key_index),
@@ -126,7 +129,8 @@ class AuthState:
     @classmethod
     def from_dict(cls, d: dict) -> "AuthState":
         tenants = {
-            n: Tenant(n, None if t["tasks"] is None else frozenset(t["tasks"]), RateLimit(**t["rate"]))
+            n: Tenant(n, None if t["tasks"] is None else frozenset(t["tasks"]), RateLimit(**t["rate"]),
+                      bool(t.get("admin", False)))
             for n, t in d["tenants"].items()
         }
         return cls(d["mode"], tenants, dict(d["key_index"]))
@@ -181,7 +185,7 @@ def load_auth(settings: AuthSettings, environ: dict | None = None) -> AuthState:
             raise ValueError(f"{p}: {where}: {e['msg']}") from None
         default_rate = spec.defaults.rate_limit or default_rate
         for name, t in spec.tenants.items():
-            tenants[name] = Tenant(name, _tasks(t.tasks), t.rate_limit or default_rate)
+            tenants[name] = Tenant(name, _tasks(t.tasks), t.rate_limit or default_rate, t.admin)
             for h in t.keys_sha256:
                 if h in index and index[h] != name:
                     raise ValueError(f"the same key hash is listed for tenants {index[h]!r} and {name!r}")
@@ -283,7 +287,8 @@ class RateLimiter:
             wait = bucket.take()
         if wait > 0:
             retry = max(1, math.ceil(wait))
+            who = "this server (auth disabled: one limit for all clients)" if tenant.name == ANONYMOUS else "this API key"
             raise ApiError(429, "rate_limited",
-                           f"rate limit exceeded for this API key ({tenant.rate.requests_per_second:g} requests/s, "
+                           f"rate limit exceeded for {who} ({tenant.rate.requests_per_second:g} requests/s, "
                            f"burst {tenant.rate.burst}); retry after {retry} s",
                            None, headers={"Retry-After": str(retry)})

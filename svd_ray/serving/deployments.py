@@ -179,7 +179,7 @@ class TaskModels:
             return {"ok": False, "error": exc.to_dict()}
         except Exception:
             log.exception("model request failed")
-            return {"ok": False, "error": {"status": 500, "type": "internal_error", "message": "model error"}}
+            return {"ok": False, "error": {"status": 500, "type": "internal_error", "message": "model error", "field": None}}
 
     async def generate(self, req: dict) -> dict:
         from svd_ray.serving.handlers import generate_response, submit_generate
@@ -207,7 +207,7 @@ class TaskModels:
             return
         except Exception:
             log.exception("stream setup failed")
-            yield {"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error"}}
+            yield {"event": "error", "error": {"status": 500, "type": "internal_error", "message": "model error", "field": None}}
             return
         loop = asyncio.get_running_loop()
         try:

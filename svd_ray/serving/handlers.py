@@ -66,6 +66,18 @@ def _encode(lt: LoadedTask, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in lt.tm.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
 
+def render_chat(lt: LoadedTask, messages: list[dict]) -> str:
+    """The base model's chat template applied to ``messages`` (with the assistant turn opened)."""
+    tok = lt.tm.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise InputError("this task's base model has no chat template; use /v1/completions", "body.messages")
+    try:
+        with lt.base.tokenizer_lock:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a template may refuse a message order (e.g. two system turns)
+        raise InputError(f"the chat template refused these messages: {str(exc)[:200]}", "body.messages") from None
+
+
 def _steering_info(steering) -> dict:
     if steering.mode == "off":  # μ and α do not act: do not report them as if they did
         return {"mode": "off", "mu": None, "alpha": None}
@@ -86,7 +98,8 @@ def submit_generate(lt: LoadedTask, req: dict, max_prompt_tokens: int = 1024, *,
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     gen = _gen_config(req["gen"], eos)
     steering = _steering(lt, req.get("steering") or {})
-    prompts = _encode(lt, list(req["prompts"]))
+    texts = [render_chat(lt, req["messages"])] if req.get("messages") is not None else list(req["prompts"])
+    prompts = _encode(lt, texts)
     _check_lengths(lt, [len(p) for p in prompts], gen.max_new_tokens, max_prompt_tokens)
     return _submit(lt, GenerateRequest(lt.adapter, prompts, gen, steering, tenant=tenant, deadline=deadline))
 

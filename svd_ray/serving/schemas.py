@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -139,6 +140,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _normal_float(v):
+    """0 or a normal double: subnormals (0 < |x| < 2.2e-308) are refused. Replicas flush denormals to zero
+    (``torch.set_flush_denormal``), so a subnormal accepted here would mean 0 there."""
+    if isinstance(v, float) and v != 0.0 and abs(v) < sys.float_info.min:
+        raise ValueError(f"must be 0 or at least {sys.float_info.min:.4g} in magnitude (subnormal numbers are not accepted)")
+    return v
+
+
 class _SteeringFields(_Strict):
     steering: Literal["svdecode", "static", "off"] = "svdecode"
     mu: float | None = Field(None, ge=-MU_ABS_MAX, le=MU_ABS_MAX,
@@ -147,6 +156,11 @@ class _SteeringFields(_Strict):
 
     def steering_dict(self) -> dict:
         return {"mode": self.steering, "mu": self.mu, "alpha": self.alpha}
+
+    @field_validator("mu", "alpha", "temperature", "top_p", "length_penalty", check_fields=False)
+    @classmethod
+    def _normal(cls, v):
+        return _normal_float(v)
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -224,6 +238,56 @@ class CompletionRequest(_SteeringFields):
         if v is not None and set(v) - {"include_usage"}:
             raise ValueError("only include_usage is supported")
         return v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatCompletionRequest(_SteeringFields):
+    """OpenAI ``POST /v1/chat/completions`` (``model`` = task id): the messages are rendered with the base
+    model's chat template (in the model replica), then steered decoding as for completions."""
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1_000_000)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    stop: StopList = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = Field(None, max_length=256)
+    # accepted for compatibility, only at their neutral values
+    logprobs: Literal[False] | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v):
+        if v is not None and set(v) - {"include_usage"}:
+            raise ValueError("only include_usage is supported")
+        return v
+
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 64
+
+    def chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -320,7 +384,10 @@ class ServeSettings(_Settings):
     request_timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(1, ge=0, le=5)
     listing_ttl_s: float = Field(5.0, ge=0)
-    metrics_public: bool = True
+    # /metrics without a key. None (default): public only when auth is disabled; with keys, only tenants
+    # marked admin read it. Explicitly true with keys: public, but series labelled by tenant or task are
+    # left out (a tenant must never learn another tenant's task names).
+    metrics_public: bool | None = None
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -375,9 +442,9 @@ def check_score_limits(req: ScoreRequest, limits: Limits) -> None:
 def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
                        top_k: int, num_beams: int = 1, length_penalty: float = 1.0, seed: int | None = None,
                        stop: list[str] | None = None, steering: dict, tenant: str = "default",
-                       min_new_tokens: int = 0) -> dict:
+                       min_new_tokens: int = 0, messages: list[dict] | None = None) -> dict:
     """The plain-dict request the ingress sends to the model deployment."""
-    return {
+    out = {
         "task": task,
         "tenant": tenant,
         "prompts": list(prompts),
@@ -395,3 +462,6 @@ def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, te
         },
         "steering": steering,
     }
+    if messages is not None:  # chat: the replica renders them with the chat template
+        out["messages"] = messages
+    return out

@@ -179,16 +179,22 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(world):
     assert outs[0] == outs[1]
 
 
-def test_extreme_sampling_values_are_safe(world):
+@pytest.mark.parametrize("flush_denormal", [False, True])  # replicas flush denormals: 1e-40 becomes 0 there
+def test_extreme_sampling_values_are_safe(world, flush_denormal):
     eng, adapters = make_engine(world)
     prompt = rand_prompt(random.Random(7), 5)
-    greedy = eng.submit(gen_request(adapters["lora"], prompt, "svdecode", 6))
-    tiny_t = eng.submit(gen_request(adapters["lora"], prompt, "svdecode", 6, do_sample=True, temperature=1e-40, seed=0))
-    tiny_p = eng.submit(gen_request(adapters["lora"], prompt, "svdecode", 6, do_sample=True, top_p=1e-38, seed=0))
-    eng.run_until_idle()
+    old = torch.set_flush_denormal(flush_denormal)
+    try:
+        greedy = eng.submit(gen_request(adapters["lora"], prompt, "svdecode", 6))
+        odd = [eng.submit(gen_request(adapters["lora"], prompt, "svdecode", 6, do_sample=True, seed=0, **kw))
+               for kw in ({"temperature": 1e-40}, {"temperature": 1e-300}, {"top_p": 1e-38}, {"top_p": 1e-300},
+                          {"temperature": 1e-30, "top_k": 1})]  # subnormal doubles are refused at the ingress
+        eng.run_until_idle()
+    finally:
+        torch.set_flush_denormal(False)
     g = greedy.result(0)["results"][0].token_ids
-    assert tiny_t.result(0)["results"][0].token_ids == g  # T → 0 is greedy
-    assert tiny_p.result(0)["results"][0].token_ids == g  # top_p → 0 keeps only the best token
+    for h in odd:  # T → 0 is greedy; top_p → 0 keeps only the best token
+        assert h.result(0)["results"][0].token_ids == g
 
 
 def test_cancel_and_deadline_free_the_rows(world):

@@ -87,6 +87,7 @@ def write_tenants(path: Path, rates: dict | None = None) -> Path:
             "keys_sha256": [hashlib.sha256(key.encode()).hexdigest()],
             "tasks": TENANT_TASKS[name],
             "rate_limit": rates.get(name, {"requests_per_second": 1000, "burst": 1000}),
+            "admin": name == "bulk",
         }
     path.write_text(yaml.safe_dump({"tenants": tenants}))
     return path

@@ -54,6 +54,10 @@ def test_serve_configs_validate(name):
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
         assert auto["target_ongoing_requests"] > 0
         assert "num_gpus" in deps["TaskModels"]["ray_actor_options"]
+        # autoscaling aims below what a replica accepts, which its engine can decode at once
+        assert auto["target_ongoing_requests"] < deps["TaskModels"]["max_ongoing_requests"]
+    # every request a replica accepts fits its engine's batch (a steered request takes 2 rows)
+    assert deps["TaskModels"]["max_ongoing_requests"] * 2 <= settings.engine.max_rows
 
 
 def test_cluster_config_refuses_to_start_without_keys(monkeypatch):
@@ -185,7 +189,13 @@ def test_token_bucket_and_limiter():
     with pytest.raises(ApiError) as e:
         lim.check(t)
     assert e.value.status == 429 and e.value.headers["Retry-After"] == "10"
+    assert "API key" in e.value.message
     lim.check(Tenant("y", None, RateLimit(requests_per_second=0.1, burst=1)))  # separate bucket
+    anon = Tenant(ANONYMOUS, None, RateLimit(requests_per_second=0.1, burst=1))
+    lim.check(anon)
+    with pytest.raises(ApiError) as e:
+        lim.check(anon)
+    assert "API key" not in e.value.message and "auth disabled" in e.value.message  # no key to blame
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -219,3 +229,24 @@ def test_json_body_errors(raw, status):
 def test_generate_defaults():
     r = parse_model(GenerateRequest, {"prompt": "hello"})
     assert r.prompt == ["hello"] and r.temperature == 0 and r.steering == "svdecode" and r.max_new_tokens == 32
+
+
+def test_public_metrics_with_keys_drop_tenant_and_task_series():
+    from svd_ray.serving.app import _without_tenant_labels
+
+    body = (b'# HELP x\nsvd_ray_http_in_flight{replica="r"} 1.0\n'
+            b'svd_ray_tenant_requests_total{tenant="beta",outcome="accepted",replica="r"} 3.0\n'
+            b'svd_ray_generated_tokens_total{task="secret-task",steering="svdecode"} 9.0\n')
+    out = _without_tenant_labels(body)
+    assert b"svd_ray_http_in_flight" in out and b"beta" not in out and b"secret-task" not in out
+
+
+def test_admin_flag_round_trips(tmp_path):
+    import yaml
+
+    f = tmp_path / "t.yaml"
+    f.write_text(yaml.safe_dump({"tenants": {"ops": {"keys_sha256": ["a" * 64], "tasks": "*", "admin": True},
+                                             "user": {"keys_sha256": ["b" * 64], "tasks": ["x"]}}}))
+    state = load_auth(AuthSettings(mode="keys", tenants_file=str(f)), {})
+    again = type(state).from_dict(state.to_dict())
+    assert again.tenants["ops"].admin and not again.tenants["user"].admin

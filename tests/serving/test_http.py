@@ -61,9 +61,15 @@ def refs(serve_app, store):
 def test_healthz_and_metrics(url):
     r = requests.get(url + "/healthz", timeout=10)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
-    m = requests.get(url + "/metrics", timeout=10)
+    post(url, "/v1/tasks/t-ptv2/generate", {"prompt": "a", "max_new_tokens": 1}, tenant="beta")  # a labelled series
+    # keys are configured: metrics are private by default and only an admin key reads them
+    anon = requests.get(url + "/metrics", timeout=10)
+    assert anon.status_code == 401 and _err(anon)["field"] == "header.authorization"
+    tenant = requests.get(url + "/metrics", headers=auth("alpha"), timeout=10)
+    assert tenant.status_code == 403 and _err(tenant)["type"] == "forbidden" and "t-ptv2" not in tenant.text
+    m = requests.get(url + "/metrics", headers=auth("bulk"), timeout=10)
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    assert "svd_ray_http_requests_total" in m.text
+    assert "svd_ray_http_requests_total" in m.text and 'tenant="beta"' in m.text
 
 
 def test_task_listing_is_per_tenant(url, serve_app):
@@ -79,6 +85,11 @@ def test_task_listing_is_per_tenant(url, serve_app):
     assert lora["method"] == "lora" and lora["version"] and isinstance(lora["mu"], float)
     models = requests.get(url + "/v1/models", headers=auth("beta"), timeout=TIMEOUT).json()
     assert [m["id"] for m in models["data"]] == ["t-ptv2"]
+    assert models["data"][0]["object"] == "model" and models["data"][0]["created"] > 1.7e9  # unix seconds
+    one = requests.get(url + "/v1/models/t-ptv2", headers=auth("beta"), timeout=TIMEOUT)
+    assert one.status_code == 200 and one.json() == models["data"][0]
+    other = requests.get(url + "/v1/models/t-lora", headers=auth("beta"), timeout=TIMEOUT)
+    assert other.status_code == 404 and _err(other)["type"] == "not_found"  # another tenant's task looks unknown
     assert requests.get(url + "/v1/tasks/t-ptv2", headers=auth("beta"), timeout=TIMEOUT).json()["method"] == "p_tuning_v2"
 
 
@@ -306,6 +317,17 @@ MALFORMED = [
     ("wrong-method", "GET", "/v1/tasks/t-lora/generate", None, 405, None),
     ("unknown-route", "POST", "/v1/tasks/t-lora/explode", {"prompt": "a"}, 404, None),
     ("path-traversal", "POST", "/v1/tasks/..%2F..%2Fetc/generate", {"prompt": "a"}, 404, None),
+    ("trailing-slash", "GET", "/v1/tasks/", None, 404, None),
+    ("temperature-subnormal", "POST", "/v1/tasks/t-lora/generate", {"prompt": "a", "temperature": 5e-324}, 422, "body.temperature"),
+    ("top-p-subnormal", "POST", "/v1/tasks/t-lora/generate", {"prompt": "a", "top_p": 1e-310}, 422, "body.top_p"),
+    ("mu-subnormal", "POST", "/v1/tasks/t-lora/score", {"prompt": "a", "choices": [" b"], "mu": -1e-320}, 422, "body.mu"),
+    ("cmpl-temperature-subnormal", "POST", "/v1/completions", {"model": "t-lora", "prompt": "a", "temperature": 4e-320}, 422, "body.temperature"),
+    ("chat-role", "POST", "/v1/chat/completions", {"model": "t-lora", "messages": [{"role": "robot", "content": "x"}]}, 422, "body.messages[0].role"),
+    ("chat-no-messages", "POST", "/v1/chat/completions", {"model": "t-lora", "messages": []}, 422, "body.messages"),
+    ("chat-max-tokens-cap", "POST", "/v1/chat/completions", {"model": "t-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 999}, 422, "body.max_tokens"),
+    ("text-plain-post", "POST", "/v1/tasks/t-lora/generate", ("text/plain", b'{"prompt": "x"}'), 415, "header.content-type"),
+    ("form-post", "POST", "/v1/tasks/t-lora/score", ("application/x-www-form-urlencoded", b"prompt=x"), 415, "header.content-type"),
+    ("min-new-tokens-over-max", "POST", "/v1/tasks/t-lora/generate", {"prompt": "a", "max_new_tokens": 2, "min_new_tokens": 3}, 422, "body.min_new_tokens"),
 ]
 
 
@@ -317,11 +339,16 @@ def test_malformed_table_is_big_enough():
 def test_malformed_requests_are_4xx(url, case):
     _id, method, path, body, status, field = case
     headers = {**auth("bulk")}
-    if isinstance(body, bytes):
+    if isinstance(body, tuple):  # (content type, raw body)
+        r = requests.request(method, url + path, data=body[1], headers={**headers, "Content-Type": body[0]},
+                             timeout=TIMEOUT, allow_redirects=False)
+    elif isinstance(body, bytes):
         r = requests.request(method, url + path, data=body, headers={**headers, "Content-Type": "application/json"},
                              timeout=TIMEOUT)
     elif body is None:
-        r = requests.request(method, url + path, headers=headers, timeout=TIMEOUT)
+        r = requests.request(method, url + path, headers={**headers, "Host": "evil.example:666"}, timeout=TIMEOUT,
+                             allow_redirects=False)
+        assert "evil.example" not in r.headers.get("location", "")
     else:
         r = requests.request(method, url + path, json=body, headers=headers, timeout=TIMEOUT)
     assert r.status_code == status, r.text
@@ -329,6 +356,58 @@ def test_malformed_requests_are_4xx(url, case):
     if field is not None:
         assert err["field"] == field, err
     assert "Traceback" not in r.text and "File \"" not in r.text
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-40}, {"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-38},
+                                   {"temperature": 100.0, "top_k": 1}])
+def test_extreme_sampling_values_never_5xx(url, extra):
+    """Tiny temperatures / top_p made the old sampler produce NaN probabilities (500); now they are
+    answered, and T → 0 / top_p → 0 / top_k = 1 are the greedy answer."""
+    body = {"prompt": PROMPTS[0], "max_new_tokens": 4, "seed": 3}
+    greedy = post(url, "/v1/tasks/t-lora/generate", {**body, "temperature": 0})
+    r = post(url, "/v1/tasks/t-lora/generate", {**body, **extra})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == greedy.json()["choices"][0]["token_ids"]
+
+
+# ------------------------------------------------------------------------------------------ openai client
+def test_official_openai_client_completions_chat_and_models(url, refs):
+    """The official ``openai`` package as the client: completions, chat (plain and streaming), models."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["alpha"], max_retries=0, timeout=TIMEOUT)
+    cmpl = client.completions.create(model="t-lora", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    want = refs["t-lora"].generate([PROMPTS[0]], GenerationConfig(max_new_tokens=4))[0]
+    assert cmpl.choices[0].text == want.text and cmpl.usage.completion_tokens == len(want.token_ids)
+
+    messages = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "2 + 3 = ?"}]
+    chat = client.chat.completions.create(model="t-lora", messages=messages, max_tokens=6, temperature=0)
+    # the same text as the chat template rendered by the tokenizer, decoded by the reference decoder
+    prompt = refs["t-lora"].tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = refs["t-lora"].generate([prompt], GenerationConfig(max_new_tokens=6))[0]
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == want.text
+    assert chat.usage.prompt_tokens == len(refs["t-lora"].tokenizer(prompt)["input_ids"])
+
+    stream = client.chat.completions.create(model="t-lora", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for ch in stream:
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == want.text and finish in ("stop", "length") and usage.completion_tokens > 0
+
+    ids = [m.id for m in client.models.list().data]
+    assert set(ids) == {"t-lora", "t-ia3", "t-prompt"}
+    m = client.models.retrieve("t-ia3")
+    assert m.id == "t-ia3" and m.created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("t-ptv2")  # beta's task: unknown to alpha
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="t-lora", messages=[{"role": "robot", "content": "hi"}])
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -442,7 +521,7 @@ def test_replica_killed_during_load(url):
             return repr(exc), None, time.monotonic() - t0
 
     def retries() -> float:
-        text = requests.get(url + "/metrics", timeout=10).text
+        text = requests.get(url + "/metrics", headers=auth("bulk"), timeout=10).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("svd_ray_model_retries_total"))
 

@@ -23,12 +23,20 @@ BUNDLE_FORMAT = 1
 
 @dataclass
 class SteeringData:
+    """The one steering record of a task, from calibration through the bundle to serving and evaluation.
+
+    ``default_mode`` is how the task is served when a request does not say: ``svdecode``, or ``off``
+    (the plain adapter) when the validated estimator found that no μ helps on held-out calibration data;
+    ``validation`` holds that decision and its reason."""
+
     alpha: float
     estimator: str
     mu: float
     estimates: dict
     summary: dict
     mean_delta: torch.Tensor | None
+    validation: dict | None = None
+    default_mode: str = "svdecode"
 
     def to_json(self) -> dict:
         return {
@@ -38,16 +46,33 @@ class SteeringData:
             "mu": self.mu,
             "estimates": self.estimates,
             "mu_star_summary": self.summary,
+            "validation": self.validation,
+            "default_mode": self.default_mode,
         }
+
+    def meta(self) -> dict:
+        """The manifest's ``mu`` section: derived from this record only (one source of truth)."""
+        out = {"value": self.mu, "estimator": self.estimator, "estimates": self.estimates, "mu_star": self.summary,
+               "default_mode": self.default_mode}
+        if self.validation is not None:
+            out["validation"] = {k: self.validation[k] for k in ("steer", "reason", "cv_gain_per_token",
+                                                                 "cv_gain_se", "grid_best_mu")}
+        return out
 
 
 def steering_from_accumulator(acc: MuAccumulator, alpha: float, estimator: str, trim: float = 0.1) -> SteeringData:
     """Every μ̄ estimator from the calibration statistics; ``estimator`` picks the default."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}")
-    estimates = {name: acc.estimate(name, trim) for name in ESTIMATORS}
+    names = [n for n in ESTIMATORS if n != "validated" or acc.validation is not None]
+    if estimator not in names:
+        raise ValueError("the validated estimator needs calibration with validation (svd_ray.training.steps.calibrate)")
+    estimates = {name: acc.estimate(name, trim) for name in names}
     mean_delta = acc.mean_delta() if acc.sum_delta is not None else None
-    return SteeringData(alpha, estimator, estimates[estimator], estimates, acc.summary(), mean_delta)
+    validation = acc.validation.choose() if acc.validation is not None else None
+    default_mode = "off" if estimator == "validated" and not validation["steer"] else "svdecode"
+    return SteeringData(alpha, estimator, estimates[estimator], estimates, acc.summary(), mean_delta, validation,
+                        default_mode)
 
 
 def write_bundle(out_dir: str | Path, peft_model, steering: SteeringData, run_info: dict, acc: MuAccumulator) -> Path:
@@ -81,6 +106,8 @@ def read_steering(bundle_dir: str | Path) -> SteeringData:
         estimates=meta["estimates"],
         summary=meta["mu_star_summary"],
         mean_delta=tensors.get("mean_delta"),
+        validation=meta.get("validation"),
+        default_mode=meta.get("default_mode", "svdecode"),
     )
 
 

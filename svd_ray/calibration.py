@@ -9,6 +9,8 @@ Estimators exposed (spec §4):
   sequence        μ̄ = Σ_t ⟨e−p,δ⟩_t / Σ_t (‖δ_t‖² + ε)               (exact)
   median          from a fixed log-spaced histogram of μ*_t           (approximate, see below)
   trimmed mean    from the same histogram (drops `trim` of the mass on each side)
+  validated       cross-validated steered NLL on a μ grid, falling back to μ̄ = 0 (the plain adapter)
+                  when no μ beats 0 beyond its noise (``svd_ray.mu_validation``; beyond the paper)
 
 Histogram: bins uniform in log10|μ| over [1e-8, 1e8] with ``BINS_PER_DECADE`` bins per decade
 for each sign, plus one bin for |μ| < 1e-8. Values beyond 1e8 land in the outermost bin.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from svd_ray.mu_validation import MuValidation
 from svd_ray.steering import DEFAULT_ALPHA, IGNORE_INDEX, masked_steering_vector, token_mu_terms
 
 LOG10_MIN = -8.0
@@ -30,7 +33,7 @@ DECADES = 16
 BINS_PER_DECADE = 200
 _HALF = DECADES * BINS_PER_DECADE  # bins per sign
 NUM_BINS = 2 * _HALF + 1
-ESTIMATORS = ("mean", "median", "sequence", "trimmed_mean")
+ESTIMATORS = ("mean", "median", "sequence", "trimmed_mean", "validated")
 
 
 def histogram_bin(values: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,7 @@ class MuAccumulator:
     hist_count: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_BINS, dtype=torch.float64))
     hist_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_BINS, dtype=torch.float64))
     sum_delta: torch.Tensor | None = None
+    validation: MuValidation | None = None  # cross-validated steered NLL on the μ grid (when folds are given)
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.sum_delta is None:
@@ -89,8 +93,14 @@ class MuAccumulator:
         base_logits: torch.Tensor,
         labels: torch.Tensor,
         alpha: float = DEFAULT_ALPHA,
+        folds: torch.Tensor | None = None,
     ) -> None:
-        """Teacher-forced calibration step: logits (..., V), gold labels (...) with −100 ignored."""
+        """Teacher-forced calibration step: logits (..., V), gold labels (...) with −100 ignored;
+        ``folds`` (B,): each row's cross-validation fold (needed when ``validation`` is kept)."""
+        if self.validation is not None:
+            if folds is None:
+                raise ValueError("this accumulator keeps the μ validation: pass each row's fold")
+            self.validation.add_logits(adapted_logits, base_logits, labels, folds, alpha)
         num, den = token_mu_terms(adapted_logits, base_logits, labels, alpha)
         valid = labels != IGNORE_INDEX
         num_v, den_v = num[valid], den[valid]
@@ -104,6 +114,8 @@ class MuAccumulator:
         """Accumulator of the union of both datasets."""
         if (self.sum_delta is None) != (other.sum_delta is None):
             raise ValueError("cannot merge accumulators with and without sum_delta")
+        if (self.validation is None) != (other.validation is None):
+            raise ValueError("cannot merge accumulators with and without the μ validation")
         return MuAccumulator(
             vocab_size=self.vocab_size,
             count=self.count + other.count,
@@ -116,6 +128,7 @@ class MuAccumulator:
             hist_count=self.hist_count + other.hist_count,
             hist_sum=self.hist_sum + other.hist_sum,
             sum_delta=None if self.sum_delta is None else self.sum_delta + other.sum_delta,
+            validation=None if self.validation is None else self.validation.merge(other.validation),
         )
 
     __add__ = merge
@@ -139,6 +152,8 @@ class MuAccumulator:
         parts = [scalars, self.hist_count, self.hist_sum]
         if self.sum_delta is not None:
             parts.append(self.sum_delta)
+        if self.validation is not None:
+            parts.append(self.validation.flat())
         return torch.cat(parts)
 
     def _load_flat_sums(self, flat: torch.Tensor) -> None:
@@ -146,8 +161,12 @@ class MuAccumulator:
         self.sum_mu, self.sum_mu_sq, self.sum_num, self.sum_den = (float(x) for x in flat[1:5])
         self.hist_count = flat[5 : 5 + NUM_BINS].clone()
         self.hist_sum = flat[5 + NUM_BINS : 5 + 2 * NUM_BINS].clone()
+        rest = flat[5 + 2 * NUM_BINS :]
         if self.sum_delta is not None:
-            self.sum_delta = flat[5 + 2 * NUM_BINS :].clone()
+            self.sum_delta = rest[: self.sum_delta.numel()].clone()
+            rest = rest[self.sum_delta.numel():]
+        if self.validation is not None:
+            self.validation.load_flat(rest)
 
     # ---------------------------------------------------------------- estimators
     def _require_data(self) -> None:
@@ -220,6 +239,10 @@ class MuAccumulator:
             return self.sequence_level()
         if name == "trimmed_mean":
             return self.trimmed_mean(trim)
+        if name == "validated":
+            if self.validation is None:
+                raise ValueError("the validated μ̄ needs an accumulator built with validation (calibrate())")
+            return self.validation.choose()["mu"]
         raise ValueError(f"unknown μ̄ estimator {name!r}; choose one of {ESTIMATORS}")
 
     def mean_delta(self) -> torch.Tensor:
@@ -257,6 +280,7 @@ class MuAccumulator:
             "hist_count": self.hist_count,
             "hist_sum": self.hist_sum,
             "sum_delta": self.sum_delta,
+            "validation": None if self.validation is None else self.validation.state_dict(),
         }
 
     @classmethod
@@ -274,4 +298,5 @@ class MuAccumulator:
             hist_count=state["hist_count"].clone(),
             hist_sum=state["hist_sum"].clone(),
             sum_delta=None if state["sum_delta"] is None else state["sum_delta"].clone(),
+            validation=None if state.get("validation") is None else MuValidation.from_state_dict(state["validation"]),
         )

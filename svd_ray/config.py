@@ -71,7 +71,9 @@ class TrainingConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     alpha: float = Field(0.1, ge=0.0, le=1.0)
-    estimator: Literal["mean", "median", "sequence", "trimmed_mean"] = "mean"
+    # validated (default): cross-validated on calibration data, falls back to the plain adapter when steering
+    # does not help (docs/ARCHITECTURE.md); mean: the paper's plain mean of μ*, exactly
+    estimator: Literal["mean", "median", "sequence", "trimmed_mean", "validated"] = "validated"
     trim: float = Field(0.1, ge=0.0, lt=0.5)
     batch_size: int = Field(4, gt=0)
 

@@ -47,10 +47,11 @@ class TaskModel:
     def method(self) -> str | None:
         return self.dual.method
 
-    def steering(self, mode: str = "svdecode", mu: float | None = None, alpha: float | None = None) -> SteeringConfig:
-        """The task's calibrated steering, with optional per-request overrides."""
+    def steering(self, mode: str | None = None, mu: float | None = None, alpha: float | None = None) -> SteeringConfig:
+        """The task's calibrated steering, with optional per-request overrides (``mode`` None: the task's
+        default — ``off`` when validation found that steering does not help this task)."""
         return SteeringConfig(
-            mode=mode,
+            mode=self.data.default_mode if mode is None else mode,
             mu=self.data.mu if mu is None else mu,
             alpha=self.data.alpha if alpha is None else alpha,
             mean_delta=self.data.mean_delta,

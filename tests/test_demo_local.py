@@ -39,7 +39,10 @@ def test_run_local_publishes_a_bundle_that_reloads(tmp_path):
     meta = manifest.meta
     assert meta["peft"]["method"] == "lora" and meta["base_model"]["id"] == "tiny-llama"
     assert meta["mu"]["value"] == pytest.approx(result["mu"])
-    assert set(meta["mu"]["estimates"]) == {"mean", "median", "sequence", "trimmed_mean"}
+    assert set(meta["mu"]["estimates"]) == {"mean", "median", "sequence", "trimmed_mean", "validated"}
+    assert meta["mu"]["estimator"] == "validated" and meta["mu"]["default_mode"] in ("svdecode", "off")
+    assert meta["mu"]["validation"]["reason"]  # why the task is (not) steered, visible in tasks show
+    assert (meta["mu"]["default_mode"] == "off") == (meta["mu"]["validation"]["steer"] is False)
     ids = meta["splits"]["ids"]
     assert set(ids) == {"train", "calibration", "eval"}
     assert not (set(ids["train"]) & set(ids["calibration"])) and not (set(ids["train"]) & set(ids["eval"]))

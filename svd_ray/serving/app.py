@@ -145,6 +145,9 @@ class IngressService:
                 "id": task, "object": "task", "version": version, "promoted": promoted is not None,
                 "created_at": m.created_at, "base_model": m.base_model_id, "method": m.get("peft.method"),
                 "mu": m.get("mu.value"), "mu_estimator": m.get("mu.estimator"), "alpha": m.get("alpha"),
+                # how the task is served when a request names no steering mode, and why
+                "steering_default": m.get("mu.default_mode") or "svdecode",
+                "steering_reason": m.get("mu.validation.reason"),
             }
 
         try:

@@ -25,7 +25,7 @@ def pool_error(exc: EngineError) -> PoolError:
 
 def _steering(lt: LoadedTask, spec: dict):
     try:
-        return lt.tm.steering(mode=spec.get("mode", "svdecode"), mu=spec.get("mu"), alpha=spec.get("alpha"))
+        return lt.tm.steering(mode=spec.get("mode"), mu=spec.get("mu"), alpha=spec.get("alpha"))
     except ValueError as exc:
         raise InputError(f"steering: {exc}", "body.steering") from None
 

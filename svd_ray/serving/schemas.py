@@ -149,7 +149,8 @@ def _normal_float(v):
 
 
 class _SteeringFields(_Strict):
-    steering: Literal["svdecode", "static", "off"] = "svdecode"
+    # None: the task's default (svdecode, or off when calibration found that steering does not help it)
+    steering: Literal["svdecode", "static", "off"] | None = None
     mu: float | None = Field(None, ge=-MU_ABS_MAX, le=MU_ABS_MAX,
                              description="override of the task's calibrated μ̄ (0 = mask only)")
     alpha: float | None = Field(None, ge=0.0, le=1.0, description="override of the plausibility threshold α")

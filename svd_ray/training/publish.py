@@ -29,12 +29,7 @@ def bundle_meta(cfg: RunConfig, ref: ModelRef, steering, split: dict, metrics: d
     return {
         "base_model": model_fingerprint(ref),
         "peft": {"method": cfg.peft.method, "config": cfg.peft.model_dump()},
-        "mu": {
-            "value": steering.mu,
-            "estimator": steering.estimator,
-            "estimates": steering.estimates,
-            "mu_star": steering.summary,
-        },
+        "mu": steering.meta(),
         "alpha": steering.alpha,
         "splits": split,
         "metrics": metrics,

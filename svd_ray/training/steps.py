@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from svd_ray.calibration import MuAccumulator
+from svd_ray.mu_validation import MuValidation, fold_of
 from svd_ray.decoding.dual import DualModel
 from svd_ray.steering import IGNORE_INDEX
 from svd_ray.training.batches import batches, shifted_labels
@@ -36,7 +37,10 @@ def accumulate_calibration(
 ) -> None:
     """Teacher-force a batch with the adapter on and off and add every labelled token's μ* to ``acc``."""
     z_phi, z_theta = dual.teacher_forced_logits(batch["input_ids"], batch["attention_mask"], with_base=True)
-    acc.add_logits(z_phi, z_theta, shifted_labels(batch["labels"]), alpha)
+    folds = None
+    if acc.validation is not None:  # an item's fold comes from its tokens: the same on every worker
+        folds = torch.tensor([fold_of(ids[m.bool()]) for ids, m in zip(batch["input_ids"], batch["attention_mask"])])
+    acc.add_logits(z_phi, z_theta, shifted_labels(batch["labels"]), alpha, folds=folds)
 
 
 def calibrate(dual: DualModel, tokenizer, examples, alpha: float, batch_size: int, max_length: int,
@@ -45,7 +49,7 @@ def calibrate(dual: DualModel, tokenizer, examples, alpha: float, batch_size: in
     (with ETA), written by ``progress_write`` (default stderr); ``None`` for none."""
     from svd_ray.progress import Progress
 
-    acc = MuAccumulator(vocab_size=dual.core.config.vocab_size)
+    acc = MuAccumulator(vocab_size=dual.core.config.vocab_size, validation=MuValidation())
     was_training = dual.peft_model.training
     dual.peft_model.eval()  # no dropout while measuring
     meter = Progress(-(-len(examples) // batch_size), progress or "", unit="batch", enabled=progress is not None,

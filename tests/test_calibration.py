@@ -98,16 +98,42 @@ def test_empty_accumulator_and_bad_inputs_raise():
         acc.merge(MuAccumulator(vocab_size=3))
 
 
-def test_all_reduce_in_single_process_group(tmp_path):
+def _all_reduce_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank: accumulate its shard (with the μ validation), all-reduce, save the result."""
     import torch.distributed as dist
 
-    z_phi, z_theta, labels = _batch(3)
-    acc = MuAccumulator(vocab_size=25)
-    acc.add_logits(z_phi, z_theta, labels)
-    before = acc.summary()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    from svd_ray.mu_validation import MuValidation
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
+        z_phi, z_theta, labels = _batch(3, n=60)
+        rows = slice(rank * 30, (rank + 1) * 30)
+        acc = MuAccumulator(vocab_size=25, validation=MuValidation())
+        folds = torch.arange(60)[rows] % 5
+        acc.add_logits(z_phi[rows, None], z_theta[rows, None], labels[rows, None], folds=folds)
         acc.all_reduce_()
+        torch.save(acc.state_dict(), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-    assert acc.summary() == before
+
+
+def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
+    """Two gloo ranks, each with half of the tokens: after all_reduce_ both hold the whole-data
+    accumulator (μ* statistics, histogram, Σδ and the validation's fold sums)."""
+    import torch.multiprocessing as mp
+
+    from svd_ray.mu_validation import MuValidation
+
+    mp.spawn(_all_reduce_worker, args=(2, f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
+    z_phi, z_theta, labels = _batch(3, n=60)
+    whole = MuAccumulator(vocab_size=25, validation=MuValidation())
+    whole.add_logits(z_phi[:, None], z_theta[:, None], labels[:, None], folds=torch.arange(60) % 5)
+    for rank in (0, 1):
+        got = MuAccumulator.from_state_dict(torch.load(tmp_path / f"rank{rank}.pt"))
+        assert got.count == whole.count and got.min_mu == whole.min_mu and got.max_mu == whole.max_mu
+        assert math.isclose(got.sum_mu, whole.sum_mu, rel_tol=1e-12)
+        assert torch.equal(got.hist_count, whole.hist_count)
+        torch.testing.assert_close(got.sum_delta, whole.sum_delta, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.validation.nll, whole.validation.nll, rtol=1e-12, atol=1e-10)
+        assert got.estimate("validated") == whole.estimate("validated")
+        assert math.isclose(got.median(), whole.median(), rel_tol=1e-12)

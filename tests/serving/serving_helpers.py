@@ -63,6 +63,9 @@ def publish_task(store_uri: str, task: str, method: str, base: str, seed: int = 
         "peft": {"method": method, "num_virtual_tokens": 4, "encoder_hidden_size": 16},
         "data": {"task": "builtin:addition", "train_size": 4, "calibration_size": 4},
         "training": {"max_steps": 2, "lr": 1e-2, "log_every": 100, "seed": seed},
+        # the paper's μ̄: these tests are about serving steering, which the validated estimator may switch off
+        # for a task (that decision is tested in tests/test_mu_validation.py and tests/test_demo_local.py)
+        "calibration": {"estimator": "mean"},
         "store": store_uri,
     })
     data = load_task_data(cfg.data)

@@ -228,7 +228,8 @@ def test_json_body_errors(raw, status):
 
 def test_generate_defaults():
     r = parse_model(GenerateRequest, {"prompt": "hello"})
-    assert r.prompt == ["hello"] and r.temperature == 0 and r.steering == "svdecode" and r.max_new_tokens == 32
+    # steering None = the task's default (svdecode, or off when its calibration found steering does not help)
+    assert r.prompt == ["hello"] and r.temperature == 0 and r.steering is None and r.max_new_tokens == 32
 
 
 def test_public_metrics_with_keys_drop_tenant_and_task_series():

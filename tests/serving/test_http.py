@@ -83,6 +83,7 @@ def test_task_listing_is_per_tenant(url, serve_app):
     assert set(seen["bulk"]) == set(serve_app["bundles"]["tasks"])
     lora = seen["alpha"]["t-lora"]
     assert lora["method"] == "lora" and lora["version"] and isinstance(lora["mu"], float)
+    assert lora["steering_default"] == "svdecode" and lora["mu_estimator"] == "mean"
     models = requests.get(url + "/v1/models", headers=auth("beta"), timeout=TIMEOUT).json()
     assert [m["id"] for m in models["data"]] == ["t-ptv2"]
     assert models["data"][0]["object"] == "model" and models["data"][0]["created"] > 1.7e9  # unix seconds

@@ -14,7 +14,9 @@ def tiny_config(store_dir, run_id: str | None = None, **sections):
         "peft": {"method": "lora"},
         "data": {"task": "builtin:addition", "seed": 0, "train_size": 16, "calibration_size": 16},
         "training": {"max_steps": 4, "lr": 1e-3, "max_length": 64, "log_every": 2, "checkpoint_every": 2},
-        "calibration": {"batch_size": 4},
+        # the paper's μ̄ (these tests compare it across runs and with the accumulator's mean); the validated
+        # estimator has its own tests (tests/test_mu_validation.py)
+        "calibration": {"batch_size": 4, "estimator": "mean"},
         "cluster": {"num_workers": 2, "zero_stage": 2, "precision": "fp32", "max_failures": 1},
         "store": f"file://{store_dir}",
     }

@@ -112,7 +112,8 @@ def run_load(base: str, tasks: list[str], concurrency: int, requests: int, new_t
             return
         task = tasks[i % len(tasks)]
         dt, out = post(f"{base}/v1/tasks/{task}/generate",
-                       {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+                       {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                        "steering": "svdecode"})  # explicit: a task's default may be off (validated μ̄)
         with lock:
             lat.append(dt)
             tokens += out["usage"]["completion_tokens"]
@@ -128,7 +129,8 @@ def run_load(base: str, tasks: list[str], concurrency: int, requests: int, new_t
 
 def heavy_body() -> dict:
     """Within the default limits: a ~1000-token prompt and 8 choices of ~400 tokens (one token per word)."""
-    return {"prompt": "the" + " the" * 999, "choices": [" the" * 400 + f" {k}" for k in range(8)]}
+    return {"prompt": "the" + " the" * 999, "choices": [" the" * 400 + f" {k}" for k in range(8)],
+            "steering": "svdecode"}
 
 
 def main() -> int:

@@ -364,3 +364,28 @@ def test_min_new_tokens_defers_eos_in_engine_and_reference(world):
     ref = generate(DualModel(world[1]["lora"]), torch.tensor([prompt]), None, steering_for("svdecode"),
                    GenerationConfig(max_new_tokens=12, min_new_tokens=12, eos_token_ids=(first,)))[0].token_ids
     assert out.token_ids == ref
+
+
+def test_sampling_follows_the_steered_distribution(world):
+    """A sampler that were secretly greedy (or ignored T, the mask or steering) fails this: the first tokens
+    of 1500 seeded requests must be distributed as softmax(ẑ / T) computed by the reference path."""
+    from svd_ray.decoding.generate import sampling_logits
+
+    eng, adapters = make_engine(world)
+    prompt = rand_prompt(random.Random(14), 6)
+    steering = steering_for("svdecode", mu=1.5)
+    n, temperature = 1500, 0.1  # the tiny model is nearly uniform: a low T makes the shape testable
+    handles = [eng.submit(GenerateRequest(adapters["ia3"], [prompt], GenerationConfig(
+        max_new_tokens=1, do_sample=True, temperature=temperature, seed=s, eos_token_ids=(-1,)), steering))
+        for s in range(n)]
+    eng.run_until_idle()
+    counts = torch.zeros(VOCAB)
+    for h in handles:
+        counts[h.result(0)["results"][0].token_ids[0]] += 1
+    z_phi, z_theta, _ = DualModel(world[1]["ia3"]).prefill(torch.tensor([prompt]), last_only=True)
+    p = torch.softmax(sampling_logits(steering.steer(z_phi[:, -1], z_theta[:, -1]), temperature), -1)[0].double()
+    assert (counts > 0).sum() >= 3  # not greedy
+    assert float(counts[p == 0].sum()) == 0  # nothing outside the plausibility mask is ever sampled
+    freq = counts.double() / n
+    se = (p * (1 - p) / n).sqrt()
+    assert bool(((freq - p).abs() <= 4 * se + 1e-9).all()), (freq[p > 0.01], p[p > 0.01])

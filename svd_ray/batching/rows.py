@@ -184,8 +184,6 @@ def prefill(bank: AdapterBank, specs: list[RowSpec], *, last_only: bool = True) 
         batch = RowBatch(None, torch.zeros(r, 0, dtype=torch.long, device=device), positions[:, 0], slots)
     logits = _forward(bank, batch, mask, positions, input_ids=None if embeds is not None else ids,
                       inputs_embeds=embeds, last_only=last_only)
-    if not last_only and embeds is not None:
-        pass  # soft-prompt positions are inside the left part; callers index right-aligned positions
     return batch, logits
 
 

@@ -20,7 +20,7 @@ import torch
 
 from svd_ray.batching.adapters import AdapterBank
 from svd_ray.batching.rows import RowBatch, RowSpec, extend, prefill
-from svd_ray.decoding.scoring import ChoiceScores, steered_token_logprobs
+from svd_ray.decoding.scoring import ChoiceScores, ChoiceTally
 
 
 @dataclass
@@ -57,10 +57,7 @@ class ScoreJob:
         self.gbatch: RowBatch | None = None
         self.gtokens = self.gvalid = None
         self.pos = 0  # positions of the current group already fed
-        n = len(self.choices)
-        self.sums = {"steered": [0.0] * n, "adapter": [0.0] * n, "base": [0.0] * n}
-        self.outside_counts = [0] * n
-        self.token_lp: list[list[float]] = [[] for _ in range(n)]
+        self.tally = ChoiceTally(self.choices, self.steering, self.outside)
         self.done = False
         self.pending: Plan | None = None  # a plan made but not run (the merged forward was full)
 
@@ -109,7 +106,7 @@ class ScoreJob:
             tokens[r, : len(self.choices[i])] = torch.tensor(self.choices[i], device=self.device)
             valid[r, : len(self.choices[i])] = True
         # token 0 of every choice: the prompt's last logits
-        self._account(idx, self.z_last[0].expand(g, -1)[:, None], self.z_last[1].expand(g, -1)[:, None],
+        self.tally.add(idx, self.z_last[0].expand(g, -1)[:, None], self.z_last[1].expand(g, -1)[:, None],
                       tokens[:, :1], valid[:, :1])
         self.group, self.gtokens, self.gvalid, self.pos = idx, tokens, valid, 0
         if longest > 1:
@@ -128,27 +125,13 @@ class ScoreJob:
         g = len(self.group)
         k = int(plan.tokens.shape[1])
         zp, zt = logits[:g, :k], logits[g:, :k]
-        self._account(self.group, zp, zt, self.gtokens[:, self.pos + 1: self.pos + 1 + k],
+        self.tally.add(self.group, zp, zt, self.gtokens[:, self.pos + 1: self.pos + 1 + k],
                       self.gvalid[:, self.pos + 1: self.pos + 1 + k])
         self.gbatch = batch
         self.pos += k
 
-    def _account(self, idx: list[int], zp, zt, targets, valid) -> None:
-        steered, outside = steered_token_logprobs(zp, zt, targets, self.steering, self.outside)
-        adapter = torch.log_softmax(zp.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-        base = torch.log_softmax(zt.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-        for r, i in enumerate(idx):
-            v = valid[r]
-            self.sums["steered"][i] += float(steered[r][v].sum())
-            self.sums["adapter"][i] += float(adapter[r][v].sum())
-            self.sums["base"][i] += float(base[r][v].sum())
-            self.outside_counts[i] += int((outside[r] & v).sum())
-            self.token_lp[i] += steered[r][v].tolist()
-
     def result(self) -> ChoiceScores:
-        return ChoiceScores(steered=self.sums["steered"], adapter=self.sums["adapter"], base=self.sums["base"],
-                            num_tokens=[len(c) for c in self.choices], outside_mask_tokens=self.outside_counts,
-                            token_logprobs=self.token_lp)
+        return self.tally.result()
 
 
 def run_plans(bank: AdapterBank, plans: list[Plan]) -> int:

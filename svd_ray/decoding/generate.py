@@ -120,7 +120,11 @@ def _greedy_or_sample(dual, input_ids, attention_mask, steering, gen) -> list[Ge
 
 def _beam_search(dual, input_ids, attention_mask, steering, gen) -> list[GenerationResult]:
     """Beam search on log p̂; a hypothesis' score is Σ log p̂ / length^length_penalty."""
-    steps = iter_beam_search(dual, input_ids, attention_mask, steering, gen)
+    return run_to_end(iter_beam_search(dual, input_ids, attention_mask, steering, gen))
+
+
+def run_to_end(steps):
+    """Drive a step generator (``iter_beam_search``, ``iter_choice_scores``) to the end; return its value."""
     while True:
         try:
             next(steps)

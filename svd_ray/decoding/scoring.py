@@ -231,6 +231,38 @@ def score_choices(
     return score_choice_ids(dual, prompt_ids, choice_ids, steering, outside_mask, floor_logprob)
 
 
+class ChoiceTally:
+    """Running per-choice sums of teacher-forced log-probabilities (steered, adapter, base), chunk by chunk."""
+
+    def __init__(self, choice_ids: list[list[int]], steering: SteeringConfig, outside_mask: str = "unmasked",
+                 floor_logprob: float = DEFAULT_FLOOR_LOGPROB):
+        n = len(choice_ids)
+        self.num_tokens = [len(c) for c in choice_ids]
+        self.steering, self.outside_mask, self.floor_logprob = steering, outside_mask, floor_logprob
+        self.sums = {"steered": [0.0] * n, "adapter": [0.0] * n, "base": [0.0] * n}
+        self.outside_counts = [0] * n
+        self.token_lp: list[list[float]] = [[] for _ in range(n)]
+
+    def add(self, idx: list[int], zp, zt, targets, valid) -> None:
+        """Add the log-probs of ``targets`` (g, c) under logits (g, c, V) of choices ``idx`` (rows in order)."""
+        steered, outside = steered_token_logprobs(zp, zt, targets, self.steering, self.outside_mask, self.floor_logprob)
+        adapter = torch.log_softmax(zp.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        base = None if zt is None else torch.log_softmax(zt.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        for r, i in enumerate(idx):
+            v = valid[r]
+            self.sums["steered"][i] += float(steered[r][v].sum())
+            self.sums["adapter"][i] += float(adapter[r][v].sum())
+            if base is not None:
+                self.sums["base"][i] += float(base[r][v].sum())
+            self.outside_counts[i] += int((outside[r] & v).sum())
+            self.token_lp[i] += steered[r][v].tolist()
+
+    def result(self, with_base: bool = True) -> ChoiceScores:
+        return ChoiceScores(steered=self.sums["steered"], adapter=self.sums["adapter"],
+                            base=self.sums["base"] if with_base else None, num_tokens=self.num_tokens,
+                            outside_mask_tokens=self.outside_counts, token_logprobs=self.token_lp)
+
+
 def iter_choice_scores(
     dual,
     prompt_ids: list[int],
@@ -275,23 +307,8 @@ def iter_choice_scores(
     z_theta0 = None if z_theta0 is None else z_theta0[:, -1]
 
     n = len(choice_ids)
-    sums = {"steered": [0.0] * n, "adapter": [0.0] * n, "base": [0.0] * n}
-    outside_counts = [0] * n
-    token_lp: list[list[float]] = [[] for _ in range(n)]
-
-    def account(idx: list[int], zp, zt, targets, valid) -> None:
-        """Add the log-probs of ``targets`` (g, c) under logits (g, c, V) to the running sums."""
-        steered, outside = steered_token_logprobs(zp, zt, targets, steering, outside_mask, floor_logprob)
-        adapter = torch.log_softmax(zp.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-        base = None if zt is None else torch.log_softmax(zt.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-        for r, i in enumerate(idx):
-            v = valid[r]
-            sums["steered"][i] += float(steered[r][v].sum())
-            sums["adapter"][i] += float(adapter[r][v].sum())
-            if base is not None:
-                sums["base"][i] += float(base[r][v].sum())
-            outside_counts[i] += int((outside[r] & v).sum())
-            token_lp[i] += steered[r][v].tolist()
+    tally = ChoiceTally(choice_ids, steering, outside_mask, floor_logprob)
+    account = tally.add
 
     for g0 in range(0, n, group):
         idx = list(range(g0, min(n, g0 + group)))
@@ -314,16 +331,4 @@ def iter_choice_scores(
             zp, zt, st = dual.extend(st, tokens[:, j:j + k], valid[:, j:j + k].long())
             account(idx, zp, zt, tokens[:, j + 1:j + 1 + k], valid[:, j + 1:j + 1 + k])
             yield
-    return ChoiceScores(
-        steered=sums["steered"], adapter=sums["adapter"], base=sums["base"] if with_base else None,
-        num_tokens=[len(c) for c in choice_ids], outside_mask_tokens=outside_counts, token_logprobs=token_lp,
-    )
-
-
-def run_to_end(steps):
-    """Drive a generator like ``iter_choice_scores`` to the end and return its value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return tally.result(with_base)

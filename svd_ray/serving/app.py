@@ -432,7 +432,7 @@ def create_app(svc: IngressService) -> FastAPI:
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             first, it = await svc.open_stream(task, payload)
-            return StreamingResponse(_chat_sse(svc, task, cid, created, first, it, include_usage),
+            return StreamingResponse(_openai_sse(svc, task, cid, created, first, it, include_usage, chat=True),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         out = await svc.call_model("generate", task, payload)
         usage = out["usage"]
@@ -447,38 +447,6 @@ def create_app(svc: IngressService) -> FastAPI:
         }
 
     return app
-
-
-async def _chat_sse(svc: IngressService, task: str, cid: str, created: int, first: dict, it,
-                    include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI ``chat.completion.chunk`` events: a role delta, content deltas, a finish chunk, [DONE]."""
-    version = first.get("version")
-    mode = (first.get("steering") or {}).get("mode", "?")
-
-    def chunk(choices: list, usage: dict | None = None) -> bytes:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": task,
-                "system_fingerprint": version, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return _sse(body)
-
-    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-    async for ev in svc.events(it):
-        name = ev.get("event")
-        if name == "token":
-            yield chunk([{"index": 0, "delta": {"content": ev["text"]}, "logprobs": None, "finish_reason": None}])
-        elif name == "end":
-            yield chunk([{"index": 0, "delta": {}, "logprobs": None,
-                          "finish_reason": _FINISH_OPENAI.get(ev["finish_reason"], "stop")}])
-        elif name == "usage":
-            svc.metrics.usage(task, mode, ev.get("prompt_tokens", 0), ev.get("completion_tokens", 0))
-            if include_usage:
-                yield chunk([], {"prompt_tokens": ev["prompt_tokens"], "completion_tokens": ev["completion_tokens"],
-                                 "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]})
-        elif name == "error":
-            yield _sse({"error": ev.get("error")})
-            return
-    yield _sse("[DONE]")
 
 
 def _without_tenant_labels(body: bytes) -> bytes:
@@ -517,31 +485,40 @@ async def _native_sse(svc: IngressService, task: str, first: dict, it) -> AsyncI
 
 
 async def _openai_sse(svc: IngressService, task: str, cid: str, created: int, first: dict, it,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI chunks (``data: {...}``) and ``data: [DONE]``; a failure mid-way is ``data: {"error": ...}``."""
+                      include_usage: bool, chat: bool = False) -> AsyncIterator[bytes]:
+    """OpenAI stream events (``data: {...}``) ending with ``data: [DONE]``: ``text_completion`` chunks, or
+    with ``chat`` ``chat.completion.chunk`` deltas (a role delta first); a failure mid-way is
+    ``data: {"error": ...}``."""
     version = first.get("version")
     mode = (first.get("steering") or {}).get("mode", "?")
 
     def chunk(choices: list, usage: dict | None = None) -> bytes:
-        body = {"id": cid, "object": "text_completion", "created": created, "model": task,
-                "system_fingerprint": version, "choices": choices}
+        body = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": task, "system_fingerprint": version, "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return _sse(body)
 
+    def choice(index: int, text: str | None, finish: str | None) -> dict:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+
+    if chat:
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
     async for ev in svc.events(it):
         name = ev.get("event")
         if name == "token":
-            yield chunk([{"text": ev["text"], "index": ev["index"], "logprobs": None, "finish_reason": None}])
+            yield chunk([choice(ev["index"], ev["text"], None)])
         elif name == "end":
-            yield chunk([{"text": "", "index": ev["index"], "logprobs": None,
-                          "finish_reason": _FINISH_OPENAI.get(ev["finish_reason"], "stop")}])
+            yield chunk([choice(ev["index"], None, _FINISH_OPENAI.get(ev["finish_reason"], "stop"))])
         elif name == "usage":
             svc.metrics.usage(task, mode, ev.get("prompt_tokens", 0), ev.get("completion_tokens", 0))
             if include_usage:
-                usage = {"prompt_tokens": ev["prompt_tokens"], "completion_tokens": ev["completion_tokens"],
-                         "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]}
-                yield chunk([], usage)
+                yield chunk([], {"prompt_tokens": ev["prompt_tokens"], "completion_tokens": ev["completion_tokens"],
+                                 "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]})
         elif name == "error":
             yield _sse({"error": ev.get("error")})
             return

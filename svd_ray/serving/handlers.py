@@ -8,7 +8,6 @@ thread, batched with every other request on the same base model. ``submit_*`` re
 from __future__ import annotations
 
 import queue
-import time
 from typing import Callable
 
 from svd_ray.batching import EngineError, GenerateRequest, ScoreRequest
@@ -203,7 +202,3 @@ def run_stream(lt: LoadedTask, req: dict, emit: Callable[[dict], None], cancelle
         emit(stream_event(ev))
         if ev.kind in ("done", "error"):
             return
-
-
-def deadline_in(seconds: float | None) -> float | None:
-    return None if seconds is None else time.monotonic() + seconds

@@ -202,12 +202,11 @@ def _openai_prompt(v: Any) -> Any:
     return _str_or_list(v)
 
 
-class CompletionRequest(_SteeringFields):
-    """OpenAI ``POST /v1/completions`` (``model`` = task id) with SVDecode extensions (steering, mu, alpha, top_k)."""
+class _OpenAIFields(_SteeringFields):
+    """What ``/v1/completions`` and ``/v1/chat/completions`` share (``model`` = task id; SVDecode extensions
+    steering, mu, alpha, top_k); OpenAI options we do not implement are accepted only at neutral values."""
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_openai_prompt), Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000)
@@ -217,14 +216,9 @@ class CompletionRequest(_SteeringFields):
     stop: StopList = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = Field(None, max_length=256)
-    # accepted for compatibility, only at their neutral values
-    logprobs: None = None
-    echo: Literal[False] = False
-    best_of: int | None = Field(None, ge=1, le=1)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
     logit_bias: dict[str, float] | None = None
-    suffix: None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -239,6 +233,18 @@ class CompletionRequest(_SteeringFields):
         if v is not None and set(v) - {"include_usage"}:
             raise ValueError("only include_usage is supported")
         return v
+
+
+class CompletionRequest(_OpenAIFields):
+    """OpenAI ``POST /v1/completions``."""
+
+    prompt: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_openai_prompt), Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=1)
+    # accepted for compatibility, only at their neutral values
+    logprobs: None = None
+    echo: Literal[False] = False
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: None = None
 
 
 class ChatMessage(_Strict):
@@ -247,42 +253,14 @@ class ChatMessage(_Strict):
     name: str | None = Field(None, max_length=64)
 
 
-class ChatCompletionRequest(_SteeringFields):
-    """OpenAI ``POST /v1/chat/completions`` (``model`` = task id): the messages are rendered with the base
-    model's chat template (in the model replica), then steered decoding as for completions."""
+class ChatCompletionRequest(_OpenAIFields):
+    """OpenAI ``POST /v1/chat/completions``: the messages are rendered with the base model's chat template
+    (in the model replica), then steered decoding as for completions."""
 
-    model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1_000_000)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    stop: StopList = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = Field(None, max_length=256)
-    # accepted for compatibility, only at their neutral values
-    logprobs: Literal[False] | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v):
-        if v is not None and set(v) - {"include_usage"}:
-            raise ValueError("only include_usage is supported")
-        return v
+    logprobs: Literal[False] | None = None  # accepted only at its neutral value
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 64

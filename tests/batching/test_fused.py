@@ -71,7 +71,8 @@ def test_fused_beam_and_scores(setup, method):
 @pytest.mark.parametrize("method", PEFT_METHODS)
 @pytest.mark.parametrize("outside", ["unmasked", "floor"])
 def test_chunked_scores_equal_full_scores(setup, method, outside):
-    from svd_ray.decoding.scoring import iter_choice_scores, run_to_end
+    from svd_ray.decoding.generate import run_to_end
+    from svd_ray.decoding.scoring import iter_choice_scores
 
     _, bank, tasks = setup
     pm, slot = tasks[method]

@@ -57,6 +57,7 @@ class SteeringData:
         if self.validation is not None:
             out["validation"] = {k: self.validation[k] for k in ("steer", "reason", "cv_gain_per_token",
                                                                  "cv_gain_se", "grid_best_mu")}
+            out["validation"]["candidates"] = self.validation.get("candidates", {})
         return out
 
 
@@ -67,6 +68,8 @@ def steering_from_accumulator(acc: MuAccumulator, alpha: float, estimator: str, 
     names = [n for n in ESTIMATORS if n != "validated" or acc.validation is not None]
     if estimator not in names:
         raise ValueError("the validated estimator needs calibration with validation (svd_ray.training.steps.calibrate)")
+    if acc.validation is not None and not acc.validation.cand_names and acc.validation.candidate_note is None:
+        acc.score_candidates_(trim=trim)  # a local accumulator whose candidates were not scored yet
     estimates = {name: acc.estimate(name, trim) for name in names}
     mean_delta = acc.mean_delta() if acc.sum_delta is not None else None
     validation = acc.validation.choose() if acc.validation is not None else None

@@ -34,6 +34,7 @@ BINS_PER_DECADE = 200
 _HALF = DECADES * BINS_PER_DECADE  # bins per sign
 NUM_BINS = 2 * _HALF + 1
 ESTIMATORS = ("mean", "median", "sequence", "trimmed_mean", "validated")
+CANDIDATES = ("mean", "median", "sequence", "trimmed_mean")  # closed-form μ̄s the validation also scores
 
 
 def histogram_bin(values: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,39 @@ class MuAccumulator:
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
         self._load_flat_sums(flat)
         self.min_mu, self.max_mu = -float(extremes[0]), float(extremes[1])
+        if self.validation is not None:  # the sums are global now; the records stay this rank's own
+            self.validation.records_reduced = True
+        return self
+
+    def score_candidates_(self, group=None, trim: float = 0.1) -> "MuAccumulator":
+        """Score the closed-form estimates (``CANDIDATES``) exactly in the validation: every rank sums the
+        steered NLL at each candidate over its own token records, then one SUM all-reduce (after
+        ``all_reduce_``; a no-op without validation or data). Without a process group, this process's
+        records must cover the whole split (a local run, or shards merged with ``merge``)."""
+        import torch.distributed as dist
+
+        v = self.validation
+        if v is None or self.count == 0:
+            return self
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        names, values = [], []
+        for name in CANDIDATES:
+            try:
+                values.append(self.estimate(name, trim))
+                names.append(name)
+            except ValueError:  # e.g. no num/den terms for the sequence-level form
+                continue
+        usable = v.records_complete and (distributed or not getattr(v, "records_reduced", False))
+        flag = torch.tensor([1.0 if usable else 0.0], dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if float(flag) == 0.0:
+            v.candidate_note = "candidates not scored exactly (token records over budget); grid only"
+            return self
+        sums = v.candidate_sums(values)
+        if distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        v.set_candidates(names, values, sums)
         return self
 
     def _flat_sums(self) -> torch.Tensor:

@@ -10,7 +10,15 @@ Instead, measure what steering does to the quantity it is meant to improve:
 ``FOLDS`` folds by a hash of their tokens, so every worker assigns the same item to the same fold. Each
 ``NLL_f(μ)`` is a sum over tokens, so workers all-reduce it exactly like the μ* statistics.
 
-Choice (K-fold cross-validation, never scored on the data it was fitted on):
+Candidates scored exactly: besides the grid, NLL_f(μ) is evaluated at each closed-form estimate (mean,
+median, trimmed mean, sequence-level), which are only known once every worker's μ* statistics are merged.
+So each token keeps a compact record — its gold logit and δ, the log-partition of the tokens outside δ's
+support, and (z, δ) on the support (the plausibility mask, usually a handful of tokens) — and after the
+statistics' all-reduce every worker sums NLL_f at the candidates over its own records, which all-reduces
+again (``MuAccumulator.score_candidates_``). Records are capped (``RECORD_BUDGET`` entries per worker);
+past the cap the candidates are not scored and the decision says so.
+
+Choice (K-fold cross-validation over grid ∪ candidates, never scored on the data it was fitted on):
   for each fold f:  μ̂_{−f} = argmin_μ Σ_{g≠f} NLL_g(μ);   gain_f = NLL_f(0) − NLL_f(μ̂_{−f})   (nats)
   per-token gains r_f = gain_f / T_f;  mean r̄ and standard error s = std(r_f) / √K
   steer   iff r̄ > 0 and r̄ > 2 s   (the held-out improvement is larger than its noise):
@@ -28,6 +36,7 @@ import torch
 from svd_ray.steering import DEFAULT_ALPHA, IGNORE_INDEX, masked_steering_vector
 
 FOLDS = 5
+RECORD_BUDGET = 1 << 24  # support entries kept per worker for exact candidate scoring (2 × 4 bytes each)
 # 0 and ±10^(k/4), k = −12..12: ±[1e-3, 1e3], four points per decade (51 values).
 MU_GRID = tuple([0.0] + [s * 10 ** (k / 4) for k in range(-12, 13) for s in (1.0, -1.0)])
 
@@ -45,6 +54,16 @@ class MuValidation:
     grid: torch.Tensor = field(default_factory=lambda: torch.tensor(MU_GRID, dtype=torch.float64))
     nll: torch.Tensor | None = None  # (FOLDS, G) float64
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(FOLDS, dtype=torch.float64))
+    # candidates (closed-form estimates) scored exactly after the merge: values (C,), per-fold NLL (FOLDS, C)
+    cand_names: list[str] = field(default_factory=list)
+    cand_values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    cand_nll: torch.Tensor = field(default_factory=lambda: torch.zeros(FOLDS, 0, dtype=torch.float64))
+    # this worker's per-token records (not part of the sums; dropped when saved): see the module docstring
+    records: list = field(default_factory=list, repr=False)
+    record_entries: int = 0
+    records_complete: bool = True  # False once the budget is exceeded or records are lost (state_dict)
+    records_reduced: bool = False  # True once the sums were all-reduced (records then cover one rank only)
+    candidate_note: str | None = None
 
     def __post_init__(self) -> None:
         if self.nll is None:
@@ -64,12 +83,53 @@ class MuValidation:
             logp = torch.log_softmax(z + mu * delta, dim=-1).gather(-1, y[:, None]).squeeze(-1)
             self.nll[:, g].index_add_(0, fold, (-logp).cpu())
         self.tokens.index_add_(0, fold, torch.ones(fold.numel(), dtype=torch.float64))
+        self._keep_records(z.cpu(), delta.cpu(), y.cpu(), fold)
+
+    def _keep_records(self, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, fold: torch.Tensor) -> None:
+        """Per token: (fold, z_y, δ_y, log Σ_{v∉S} e^{z_v}, z_S, δ_S) with S = support of δ⊙m."""
+        if not self.records_complete:
+            return
+        support = delta != 0
+        entries = int(support.sum())
+        if self.record_entries + entries > RECORD_BUDGET:
+            self.records, self.records_complete = [], False  # candidates fall back to the grid
+            return
+        self.record_entries += entries
+        outside = torch.logsumexp(z.masked_fill(support, float("-inf")), dim=-1)
+        z_y, d_y = z.gather(-1, y[:, None]).squeeze(-1), delta.gather(-1, y[:, None]).squeeze(-1)
+        for t in range(z.shape[0]):
+            s = support[t]
+            self.records.append((int(fold[t]), float(z_y[t]), float(d_y[t]), float(outside[t]),
+                                 z[t][s].clone(), delta[t][s].clone()))
+
+    def candidate_sums(self, values: list[float]) -> torch.Tensor:
+        """Σ over this worker's records of −log softmax(z + μ·δ⊙m)[y], per fold, at each μ in ``values``.
+
+        Exact: log Σ_v e^{z_v + μδ_v} = logsumexp(log Σ_{v∉S} e^{z_v}, z_S + μ δ_S) since δ = 0 off S."""
+        if not self.records_complete:
+            raise ValueError("candidate scoring needs every token's record (budget exceeded or records dropped)")
+        mus = torch.tensor(values, dtype=torch.float64)
+        out = torch.zeros(FOLDS, mus.numel(), dtype=torch.float64)
+        for fold, z_y, d_y, outside, z_s, d_s in self.records:
+            parts = torch.cat([torch.full((mus.numel(), 1), outside, dtype=torch.float64),
+                               z_s[None, :] + mus[:, None] * d_s[None, :]], dim=1)
+            out[fold] += torch.logsumexp(parts, dim=1) - (z_y + mus * d_y)
+        return out
+
+    def set_candidates(self, names: list[str], values: list[float], nll: torch.Tensor) -> None:
+        self.cand_names = list(names)
+        self.cand_values = torch.tensor(values, dtype=torch.float64)
+        self.cand_nll = nll.to(torch.float64).clone()
 
     # ---------------------------------------------------------------- merge
     def merge(self, other: "MuValidation") -> "MuValidation":
         if not torch.equal(self.grid, other.grid):
             raise ValueError("cannot merge validations on different μ grids")
-        return MuValidation(self.grid.clone(), self.nll + other.nll, self.tokens + other.tokens)
+        merged = MuValidation(self.grid.clone(), self.nll + other.nll, self.tokens + other.tokens)
+        merged.records = self.records + other.records  # the union's records (a local merge of two shards)
+        merged.record_entries = self.record_entries + other.record_entries
+        merged.records_complete = self.records_complete and other.records_complete
+        return merged
 
     def flat(self) -> torch.Tensor:
         return torch.cat([self.nll.flatten(), self.tokens])
@@ -80,29 +140,34 @@ class MuValidation:
         self.tokens = flat[n:].clone()
 
     def state_dict(self) -> dict:
-        return {"grid": self.grid, "nll": self.nll, "tokens": self.tokens}
+        return {"grid": self.grid, "nll": self.nll, "tokens": self.tokens, "cand_names": list(self.cand_names),
+                "cand_values": self.cand_values, "cand_nll": self.cand_nll}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MuValidation":
-        return cls(state["grid"].clone(), state["nll"].clone(), state["tokens"].clone())
+        v = cls(state["grid"].clone(), state["nll"].clone(), state["tokens"].clone(), records_complete=False)
+        if "cand_values" in state:
+            v.set_candidates(state["cand_names"], state["cand_values"].tolist(), state["cand_nll"])
+        return v
 
     # ---------------------------------------------------------------- choice
     def choose(self) -> dict:
         """The cross-validated decision (see the module docstring), JSON-ready."""
-        grid = self.grid.tolist()
+        grid = self.grid.tolist() + self.cand_values.tolist()
+        nll_all = torch.cat([self.nll, self.cand_nll], dim=1)
         zero = grid.index(0.0)
         used = [f for f in range(FOLDS) if self.tokens[f] > 0]
         total = float(self.tokens.sum())
         if total == 0:
             raise ValueError("no calibration tokens were accumulated")
-        best_all = int(torch.argmin(self.nll.sum(0)))
+        best_all = int(torch.argmin(nll_all.sum(0)))
         gains, picks = [], []
         if len(used) >= 2:
             for f in used:
                 others = [g for g in used if g != f]
-                pick = int(torch.argmin(self.nll[others].sum(0)))
+                pick = int(torch.argmin(nll_all[others].sum(0)))
                 picks.append(grid[pick])
-                gains.append(float(self.nll[f, zero] - self.nll[f, pick]) / float(self.tokens[f]))
+                gains.append(float(nll_all[f, zero] - nll_all[f, pick]) / float(self.tokens[f]))
         mean_gain = sum(gains) / len(gains) if gains else 0.0
         se = (math.sqrt(sum((g - mean_gain) ** 2 for g in gains) / (len(gains) - 1)) / math.sqrt(len(gains))
               if len(gains) >= 2 else math.inf)
@@ -123,7 +188,11 @@ class MuValidation:
             "cv_gain_se": se if math.isfinite(se) else None,
             "fold_picks": picks,
             "fold_tokens": self.tokens.tolist(),
-            "nll_per_token_at_0": float(self.nll[:, zero].sum()) / total,
-            "nll_per_token_at_mu": float(self.nll[:, best_all].sum()) / total,
+            "nll_per_token_at_0": float(nll_all[:, zero].sum()) / total,
+            "nll_per_token_at_mu": float(nll_all[:, best_all].sum()) / total,
             "grid_best_mu": grid[best_all],
+            # the held-out-free NLL of each closed-form estimate, scored exactly (empty if not scored)
+            "candidates": {n: {"mu": float(v), "nll_per_token": float(self.cand_nll[:, i].sum()) / total}
+                           for i, (n, v) in enumerate(zip(self.cand_names, self.cand_values.tolist()))},
+            "candidate_note": self.candidate_note,
         }

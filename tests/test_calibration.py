@@ -112,6 +112,7 @@ def _all_reduce_worker(rank: int, world: int, init: str, out: str) -> None:
         folds = torch.arange(60)[rows] % 5
         acc.add_logits(z_phi[rows, None], z_theta[rows, None], labels[rows, None], folds=folds)
         acc.all_reduce_()
+        acc.score_candidates_()  # each rank scores its own records at the merged candidates; SUM all-reduce
         torch.save(acc.state_dict(), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -119,7 +120,7 @@ def _all_reduce_worker(rank: int, world: int, init: str, out: str) -> None:
 
 def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
     """Two gloo ranks, each with half of the tokens: after all_reduce_ both hold the whole-data
-    accumulator (μ* statistics, histogram, Σδ and the validation's fold sums)."""
+    accumulator (μ* statistics, histogram, Σδ, the validation's fold sums and its exactly scored candidates)."""
     import torch.multiprocessing as mp
 
     from svd_ray.mu_validation import MuValidation
@@ -128,6 +129,7 @@ def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
     z_phi, z_theta, labels = _batch(3, n=60)
     whole = MuAccumulator(vocab_size=25, validation=MuValidation())
     whole.add_logits(z_phi[:, None], z_theta[:, None], labels[:, None], folds=torch.arange(60) % 5)
+    whole.score_candidates_()
     for rank in (0, 1):
         got = MuAccumulator.from_state_dict(torch.load(tmp_path / f"rank{rank}.pt"))
         assert got.count == whole.count and got.min_mu == whole.min_mu and got.max_mu == whole.max_mu
@@ -135,5 +137,8 @@ def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
         assert torch.equal(got.hist_count, whole.hist_count)
         torch.testing.assert_close(got.sum_delta, whole.sum_delta, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.validation.nll, whole.validation.nll, rtol=1e-12, atol=1e-10)
+        assert got.validation.cand_names == whole.validation.cand_names == ["mean", "median", "sequence", "trimmed_mean"]
+        torch.testing.assert_close(got.validation.cand_values, whole.validation.cand_values, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.validation.cand_nll, whole.validation.cand_nll, rtol=1e-12, atol=1e-10)
         assert got.estimate("validated") == whole.estimate("validated")
         assert math.isclose(got.median(), whole.median(), rel_tol=1e-12)

@@ -100,3 +100,73 @@ def test_fold_of_is_deterministic_and_spreads():
     assert fold_of(a) == fold_of(a.clone()) and 0 <= fold_of(a) < FOLDS
     seen = {fold_of(torch.tensor([i, i + 1, i * 3])) for i in range(50)}
     assert seen == set(range(FOLDS))
+
+
+def _brute_nll(z_phi, z_theta, labels, folds, mu, alpha=0.1):
+    delta = masked_steering_vector(z_phi, z_theta, alpha)
+    logp = torch.log_softmax(z_phi + mu * delta, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    out = torch.zeros(FOLDS, dtype=torch.float64)
+    for r in range(labels.shape[0]):
+        out[folds[r]] -= logp[r][labels[r] != -100].sum()
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.0])  # α = 0: δ's support is the whole vocabulary
+def test_candidates_are_scored_exactly_and_halves_merge_to_the_whole(alpha):
+    """Each closed-form estimate (mean, median, sequence, trimmed) enters the choice with its exact NLL
+    (brute force), and two shards' candidate sums add up to the whole data's."""
+    z_phi, z_theta, labels, folds = _toy(12, 5, 17, 1.5, seed=7, alpha=alpha)
+    labels[3, 2] = -100
+    whole = MuAccumulator(vocab_size=17, validation=MuValidation())
+    whole.add_logits(z_phi, z_theta, labels, alpha, folds=folds)
+    whole.score_candidates_()
+    v = whole.validation
+    assert v.cand_names == ["mean", "median", "sequence", "trimmed_mean"]
+    for i, name in enumerate(v.cand_names):
+        mu = whole.estimate(name)
+        assert float(v.cand_values[i]) == mu
+        torch.testing.assert_close(v.cand_nll[:, i], _brute_nll(z_phi, z_theta, labels, folds, mu, alpha),
+                                   rtol=1e-10, atol=1e-9)
+    # two workers: each scores its own records at the merged candidates; the sums add up to one worker's
+    a, b = (MuAccumulator(vocab_size=17, validation=MuValidation()) for _ in range(2))
+    a.add_logits(z_phi[:5], z_theta[:5], labels[:5], alpha, folds=folds[:5])
+    b.add_logits(z_phi[5:], z_theta[5:], labels[5:], alpha, folds=folds[5:])
+    values = v.cand_values.tolist()
+    torch.testing.assert_close(a.validation.candidate_sums(values) + b.validation.candidate_sums(values), v.cand_nll,
+                               rtol=1e-12, atol=1e-9)
+    merged = a.merge(b).score_candidates_().validation.choose()
+    want = v.choose()
+    assert (merged["mu"], merged["steer"]) == (want["mu"], want["steer"])
+    for name, c in want["candidates"].items():  # equal up to float64 summation order
+        assert merged["candidates"][name] == pytest.approx(c, rel=1e-12)
+
+
+def test_an_outlier_mean_is_scored_at_its_value_and_the_choice_can_be_a_candidate():
+    """The choice ranges over grid ∪ candidates: when the NLL is minimised exactly at a candidate (off the
+    grid), that candidate is picked and reported with its exact NLL."""
+    z_phi, z_theta, labels, folds = _toy(200, 8, 40, 2.0, seed=2)
+    acc = MuAccumulator(vocab_size=40, validation=MuValidation())
+    acc.add_logits(z_phi, z_theta, labels, folds=folds)
+    acc.score_candidates_()
+    d = acc.validation.choose()
+    grid_best = min(range(len(MU_GRID)), key=lambda g: float(acc.validation.nll[:, g].sum()))
+    best_nll = min([float(acc.validation.nll[:, grid_best].sum())] + [float(x) for x in acc.validation.cand_nll.sum(0)])
+    assert d["nll_per_token_at_mu"] == pytest.approx(best_nll / float(acc.validation.tokens.sum()), rel=1e-12)
+    assert set(d["candidates"]) == {"mean", "median", "sequence", "trimmed_mean"}
+    # a saved accumulator keeps the scored candidates but not the records: scoring again is refused
+    restored = MuAccumulator.from_state_dict(acc.state_dict())
+    assert restored.validation.choose() == d
+    with pytest.raises(ValueError, match="record"):
+        restored.validation.candidate_sums([0.5])
+
+
+def test_record_budget_falls_back_to_the_grid(monkeypatch):
+    import svd_ray.mu_validation as mv
+
+    monkeypatch.setattr(mv, "RECORD_BUDGET", 10)
+    z_phi, z_theta, labels, folds = _toy(20, 4, 13, 1.0, seed=8, alpha=0.0)
+    acc = MuAccumulator(vocab_size=13, validation=MuValidation())
+    acc.add_logits(z_phi, z_theta, labels, 0.0, folds=folds)
+    acc.score_candidates_()
+    d = acc.validation.choose()
+    assert d["candidates"] == {} and "grid only" in d["candidate_note"]

@@ -54,8 +54,10 @@ def calibrate_shard(peft_model, tokenizer, examples, *, alpha: float, batch_size
 
 
 def calibrate_distributed(peft_model, tokenizer, examples, *, alpha: float, batch_size: int, max_length: int,
-                          group=None, progress: str | None = None, progress_write=None) -> MuAccumulator:
-    """Calibrate this rank's shard and all-reduce: every rank returns the whole-split accumulator.
+                          group=None, progress: str | None = None, progress_write=None,
+                          trim: float = 0.1) -> MuAccumulator:
+    """Calibrate this rank's shard and all-reduce: every rank returns the whole-split accumulator, with
+    the closed-form μ̄ candidates scored exactly in its validation (a second, small all-reduce).
 
     Without an initialised ``torch.distributed`` process group this is the single-process calibration.
     """
@@ -71,7 +73,7 @@ def calibrate_distributed(peft_model, tokenizer, examples, *, alpha: float, batc
         acc.sum_delta = torch.zeros(peft_model.get_base_model().config.vocab_size, dtype=torch.float64)
     if distributed and world > 1:
         acc.all_reduce_(group)
-    return acc
+    return acc.score_candidates_(group, trim=trim)
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def train_local(peft_model, tokenizer, examples, cfg: RunConfig, log=print) -> T
 
 
 def calibrate_local(peft_model, tokenizer, examples, cfg: RunConfig, progress: str | None = "calibrating μ̄") -> MuAccumulator:
-    return calibrate(
+    acc = calibrate(
         DualModel(peft_model),
         tokenizer,
         examples,
@@ -115,3 +115,4 @@ def calibrate_local(peft_model, tokenizer, examples, cfg: RunConfig, progress: s
         max_length=cfg.training.max_length,
         progress=progress,
     )
+    return acc.score_candidates_(trim=cfg.calibration.trim)

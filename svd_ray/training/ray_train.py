@@ -361,7 +361,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     acc = calibrate_distributed(
         peft_model, tokenizer, examples, alpha=cfg.calibration.alpha, batch_size=cfg.calibration.batch_size,
         max_length=cfg.training.max_length, group=cpu_group, progress=f"{tag} calibrating (rank 0 shard)",
-        progress_write=_emit,
+        progress_write=_emit, trim=cfg.calibration.trim,
     )
     cal_metrics = {"examples": len(examples), "tokens": acc.count, "workers": world,
                    "seconds": round(time.perf_counter() - t_cal, 3)}

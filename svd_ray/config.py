@@ -6,6 +6,7 @@ Unknown keys are errors (typos must not silently fall back to defaults).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,24 @@ class DataConfig(_Strict):
         return v
 
 
+class LrSearchConfig(_Strict):
+    """Warm-start lr chosen on calibration loss by a Ray Tune grid (``svd_ray.training.lr_search``)."""
+
+    lrs: list[float] = Field(default_factory=lambda: [5e-5, 3e-4, 1e-3, 3e-3], min_length=1)
+    steps: int = Field(48, gt=0)  # warm-start steps per trial (capped by training.max_steps)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive_unique(cls, lrs: list[float]) -> list[float]:
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+            raise ValueError("every lr must be a positive finite number")
+        if len(set(lrs)) != len(lrs):
+            raise ValueError("lrs must not repeat")
+        return sorted(lrs)
+
+
 class TrainingConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
@@ -67,6 +86,8 @@ class TrainingConfig(_Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)  # steps
+    # null: train at ``lr`` (the paper: 5e-5); set: choose lr per task on calibration loss (Ray Tune grid)
+    lr_search: LrSearchConfig | None = None
 
 
 class CalibrationConfig(_Strict):

@@ -85,6 +85,7 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
     """Return (bundle version, training info)."""
     from svd_ray.store import open_store
     from svd_ray.training.local import calibrate_local, prepare_model, train_local
+    from svd_ray.training.lr_search import resolve_lr
     from svd_ray.training.publish import publish_bundle
 
     store = open_store(run.store)
@@ -94,10 +95,15 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
             log(f"  reusing bundle {run.task}@{version} (identical run config)")
             return version, store.manifest(run.task, version).meta.get("metrics", {})
     t0 = time.perf_counter()
-    peft_model, tokenizer, ref = prepare_model(run)
-    train = train_local(peft_model, tokenizer, data.train, run, log=lambda s: log("  " + s))
-    acc = calibrate_local(peft_model, tokenizer, data.calibration, run)
-    info = {"train": train.to_dict(), "calibration_tokens": acc.count, "seconds": round(time.perf_counter() - t0, 1)}
+    trained_run, lr_search = resolve_lr(run, data.train, data.calibration, log=log)
+    peft_model, tokenizer, ref = prepare_model(trained_run)
+    train = train_local(peft_model, tokenizer, data.train, trained_run, log=lambda s: log("  " + s))
+    acc = calibrate_local(peft_model, tokenizer, data.calibration, trained_run)
+    info = {"train": train.to_dict(), "calibration_tokens": acc.count, "seconds": round(time.perf_counter() - t0, 1),
+            "lr": trained_run.training.lr}
+    if lr_search is not None:
+        info["lr_search"] = lr_search
+    # provenance is the configured run (so an identical config finds this bundle); the lr used is in info
     manifest = publish_bundle(run, ref, peft_model, acc, data.split, info)
     log(f"  trained + calibrated in {info['seconds']} s → {run.task}@{manifest.version}")
     return manifest.version, info

@@ -379,6 +379,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     published = None
     if rank == 0 and mode == "full":
         all_metrics = {"train": metrics, "calibration": cal_metrics}
+        if loop_cfg.get("lr_search"):
+            all_metrics["lr_search"] = loop_cfg["lr_search"]
         published = _publish(cfg, ref, peft_model, acc, loop_cfg["split"], all_metrics)
         log0(("already published " if published["already_published"] else "published ")
              + f"{published['task']}@{published['version']} to {cfg.store}")
@@ -650,7 +652,10 @@ def run_ray(cfg: RunConfig, log=print, *, address: str | None = None, task_data=
 
         resolve_model(cfg.model)
     _ensure_ray(address)
-    out = fit(cfg, data)
+    from svd_ray.training.lr_search import resolve_lr
+
+    cfg, lr_search = resolve_lr(cfg, data.train, data.calibration, log=log)  # Tune trials on this cluster
+    out = fit(cfg, data, extra={"lr_search": lr_search} if lr_search else None)
     acc = out["accumulator"]
     steering = steering_from_accumulator(acc, cfg.calibration.alpha, cfg.calibration.estimator, cfg.calibration.trim)
     pub = out.get("published") or {}
@@ -672,6 +677,7 @@ def run_ray(cfg: RunConfig, log=print, *, address: str | None = None, task_data=
         "calibration": out.get("calibration"),
         "accumulator": acc,
         "task_data": data,
+        "lr_search": lr_search,
         "checkpoint_path": out["checkpoint_path"],
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -56,7 +56,8 @@ class SteeringData:
                "default_mode": self.default_mode}
         if self.validation is not None:
             out["validation"] = {k: self.validation[k] for k in ("steer", "reason", "cv_gain_per_token",
-                                                                 "cv_gain_se", "grid_best_mu")}
+                                                                 "cv_gain_se", "grid_best_mu", "fallback")
+                                 if k in self.validation}
             out["validation"]["candidates"] = self.validation.get("candidates", {})
         return out
 
@@ -73,7 +74,9 @@ def steering_from_accumulator(acc: MuAccumulator, alpha: float, estimator: str, 
     estimates = {name: acc.estimate(name, trim) for name in names}
     mean_delta = acc.mean_delta() if acc.sum_delta is not None else None
     validation = acc.validation.choose() if acc.validation is not None else None
-    default_mode = "off" if estimator == "validated" and not validation["steer"] else "svdecode"
+    # validated and not steering: the plain adapter ("off"), or μ = 0 inside the mask ("svdecode" at μ 0)
+    default_mode = ("off" if estimator == "validated" and not validation["steer"]
+                    and validation.get("fallback", "off") == "off" else "svdecode")
     return SteeringData(alpha, estimator, estimates[estimator], estimates, acc.summary(), mean_delta, validation,
                         default_mode)
 

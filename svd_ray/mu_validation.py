@@ -23,7 +23,9 @@ Choice (K-fold cross-validation over grid ∪ candidates, never scored on the da
   per-token gains r_f = gain_f / T_f;  mean r̄ and standard error s = std(r_f) / √K
   steer   iff r̄ > 0 and r̄ > 2 s   (the held-out improvement is larger than its noise):
           μ̄ = argmin_μ Σ_f NLL_f(μ)  (all folds)
-  else    μ̄ = 0 and the task serves as the plain adapter (steering off), with the reason recorded.
+  else    μ̄ = 0 and the task serves as the plain adapter (steering off) — or as "mask only" (μ = 0 inside the
+          plausibility mask) if the masked decoding distribution has the lower calibration NLL — with the
+          reason recorded.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from svd_ray.steering import DEFAULT_ALPHA, IGNORE_INDEX, masked_steering_vector
+from svd_ray.steering import DEFAULT_ALPHA, IGNORE_INDEX, masked_steering_vector, plausibility_mask
+
+FLOOR_LOGPROB = math.log(1e-10)  # a gold token outside the mask under masked scoring (decoding/scoring.py)
 
 FOLDS = 5
 RECORD_BUDGET = 1 << 24  # support entries kept per worker for exact candidate scoring (2 × 4 bytes each)
@@ -54,6 +58,8 @@ class MuValidation:
     grid: torch.Tensor = field(default_factory=lambda: torch.tensor(MU_GRID, dtype=torch.float64))
     nll: torch.Tensor | None = None  # (FOLDS, G) float64
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(FOLDS, dtype=torch.float64))
+    # Σ NLL at μ = 0 under the decoding distribution (softmax over the mask, floor outside): "mask only"
+    masked_nll0: torch.Tensor = field(default_factory=lambda: torch.zeros(FOLDS, dtype=torch.float64))
     # candidates (closed-form estimates) scored exactly after the merge: values (C,), per-fold NLL (FOLDS, C)
     cand_names: list[str] = field(default_factory=list)
     cand_values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
@@ -83,6 +89,11 @@ class MuValidation:
             logp = torch.log_softmax(z + mu * delta, dim=-1).gather(-1, y[:, None]).squeeze(-1)
             self.nll[:, g].index_add_(0, fold, (-logp).cpu())
         self.tokens.index_add_(0, fold, torch.ones(fold.numel(), dtype=torch.float64))
+        inside = plausibility_mask(adapted_logits, alpha)[valid].cpu()
+        zc = z.cpu()
+        masked = zc.gather(-1, y.cpu()[:, None]).squeeze(-1) - torch.logsumexp(zc.masked_fill(~inside, float("-inf")), -1)
+        in_mask = inside.gather(-1, y.cpu()[:, None]).squeeze(-1)
+        self.masked_nll0.index_add_(0, fold, -torch.where(in_mask, masked, torch.full_like(masked, FLOOR_LOGPROB)))
         self._keep_records(z.cpu(), delta.cpu(), y.cpu(), fold)
 
     def _keep_records(self, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, fold: torch.Tensor) -> None:
@@ -125,27 +136,32 @@ class MuValidation:
     def merge(self, other: "MuValidation") -> "MuValidation":
         if not torch.equal(self.grid, other.grid):
             raise ValueError("cannot merge validations on different μ grids")
-        merged = MuValidation(self.grid.clone(), self.nll + other.nll, self.tokens + other.tokens)
+        merged = MuValidation(self.grid.clone(), self.nll + other.nll, self.tokens + other.tokens,
+                              self.masked_nll0 + other.masked_nll0)
         merged.records = self.records + other.records  # the union's records (a local merge of two shards)
         merged.record_entries = self.record_entries + other.record_entries
         merged.records_complete = self.records_complete and other.records_complete
         return merged
 
     def flat(self) -> torch.Tensor:
-        return torch.cat([self.nll.flatten(), self.tokens])
+        return torch.cat([self.nll.flatten(), self.tokens, self.masked_nll0])
 
     def load_flat(self, flat: torch.Tensor) -> None:
         n = self.nll.numel()
         self.nll = flat[:n].reshape(self.nll.shape).clone()
-        self.tokens = flat[n:].clone()
+        self.tokens = flat[n:n + FOLDS].clone()
+        self.masked_nll0 = flat[n + FOLDS:n + 2 * FOLDS].clone()
 
     def state_dict(self) -> dict:
-        return {"grid": self.grid, "nll": self.nll, "tokens": self.tokens, "cand_names": list(self.cand_names),
+        return {"grid": self.grid, "nll": self.nll, "tokens": self.tokens, "masked_nll0": self.masked_nll0,
+                "cand_names": list(self.cand_names),
                 "cand_values": self.cand_values, "cand_nll": self.cand_nll}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MuValidation":
         v = cls(state["grid"].clone(), state["nll"].clone(), state["tokens"].clone(), records_complete=False)
+        if "masked_nll0" in state:
+            v.masked_nll0 = state["masked_nll0"].clone()
         if "cand_values" in state:
             v.set_candidates(state["cand_names"], state["cand_values"].tolist(), state["cand_nll"])
         return v
@@ -180,9 +196,16 @@ class MuValidation:
         else:
             reason = (f"no μ beats μ = 0 beyond its noise on held-out folds: gain {mean_gain:.3g} nats/token, "
                       f"SE {se:.2g} (needs > 2 SE)")
+        masked0 = float(self.masked_nll0.sum())
+        # not steering: serve the plain adapter, or μ = 0 inside the mask if calibration prefers that
+        fallback = None if steer else ("mask_only" if 0 < masked0 < float(nll_all[:, zero].sum()) else "off")
+        if fallback == "mask_only":
+            reason += "; serving μ = 0 inside the plausibility mask (lower calibration NLL than the plain adapter)"
         return {
             "mu": grid[best_all] if steer else 0.0,
             "steer": steer,
+            "fallback": fallback,
+            "nll_per_token_masked_at_0": masked0 / total if masked0 > 0 else None,
             "reason": reason,
             "cv_gain_per_token": mean_gain,
             "cv_gain_se": se if math.isfinite(se) else None,

@@ -170,3 +170,34 @@ def test_record_budget_falls_back_to_the_grid(monkeypatch):
     acc.score_candidates_()
     d = acc.validation.choose()
     assert d["candidates"] == {} and "grid only" in d["candidate_note"]
+
+
+def test_not_steering_falls_back_to_mask_only_when_the_masked_distribution_fits_calibration_better(tmp_path):
+    """Gold tokens drawn from p_φ renormalised over the plausibility mask: steering cannot help, and the
+    masked decoding distribution (μ = 0) has the lower NLL, so the bundle serves "mask only" (svdecode at
+    μ 0); labels from the full p_φ (some outside the mask, floored) keep the plain adapter ("off")."""
+    from svd_ray.bundle import steering_from_accumulator
+    from svd_ray.steering import plausibility_mask
+
+    g = torch.Generator().manual_seed(11)
+    z_phi = torch.randn(200, 6, 30, generator=g, dtype=torch.float64) * 2
+    z_theta = z_phi + torch.randn(200, 6, 30, generator=g, dtype=torch.float64)
+    inside = plausibility_mask(z_phi, 0.1)
+    masked_p = torch.softmax(z_phi.masked_fill(~inside, float("-inf")), -1)
+    labels = torch.multinomial(masked_p.reshape(-1, 30), 1, generator=g).reshape(200, 6)
+    folds = torch.arange(200) % FOLDS
+    acc = MuAccumulator(vocab_size=30, validation=MuValidation())
+    acc.add_logits(z_phi, z_theta, labels, folds=folds)
+    # brute force: Σ −log masked_p[y] per fold (every gold token is inside the mask here)
+    want = torch.zeros(FOLDS, dtype=torch.float64)
+    want.index_add_(0, folds, -torch.log(masked_p.gather(-1, labels[..., None]).squeeze(-1)).sum(1))
+    torch.testing.assert_close(acc.validation.masked_nll0, want, rtol=1e-10, atol=1e-9)
+    sd = steering_from_accumulator(acc, 0.1, "validated")
+    assert not sd.validation["steer"] and sd.validation["fallback"] == "mask_only", sd.validation
+    assert sd.mu == 0.0 and sd.default_mode == "svdecode" and "inside the plausibility mask" in sd.validation["reason"]
+
+    z2, t2, l2, f2 = _toy(200, 6, 30, 0.0, seed=12)  # labels from the full p_φ: some fall outside the mask
+    acc2 = MuAccumulator(vocab_size=30, validation=MuValidation())
+    acc2.add_logits(z2, t2, l2, folds=f2)
+    sd2 = steering_from_accumulator(acc2, 0.1, "validated")
+    assert sd2.validation["fallback"] == "off" and sd2.default_mode == "off"

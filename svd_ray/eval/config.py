@@ -25,10 +25,19 @@ class FamilyConfig(_Strict):
     jsonl_duplicates: Literal["error", "merge"] = "error"
 
 
+class ExtraRun(_Strict):
+    """More cells on another base model (e.g. Gemma-3-270M × LoRA), for the listed families (default: all)."""
+
+    model: str
+    methods: list[Method] = ["lora"]
+    families: list[str] | None = None  # FamilyConfig.task values
+
+
 class EvalConfig(_Strict):
     name: str = Field("reproduction", pattern=r"^[a-z0-9][a-z0-9._-]{0,40}$")
     model: str = "smollm2-135m"
     methods: list[Method] = ["lora", "ia3", "prompt_tuning", "p_tuning_v2"]
+    extra_runs: list[ExtraRun] = []
     families: list[FamilyConfig] = [FamilyConfig(task="truthfulqa")]
     seed: int = 0
     data_dir: str | None = None
@@ -36,6 +45,7 @@ class EvalConfig(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     store: str = Field(default_factory=default_store_uri)
     output_dir: str = "out/eval"
+    cells_dir: str | None = None  # resumable per-cell rows (default: <output_dir>/cells); see svd_ray.eval.cells
     results_md: str | None = None  # e.g. docs/RESULTS.md
     notes_file: str | None = None  # markdown appended verbatim (the human analysis of the numbers)
     num_shards: int = Field(2, gt=0)  # Ray actors scoring eval items in parallel

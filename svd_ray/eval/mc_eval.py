@@ -25,8 +25,20 @@ class Variant:
     outside_mask: str = "unmasked"
 
 
-def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None = None, estimates: dict | None = None):
-    """Base, PEFT, SVDecode (both mask policies) and the ablations the method doc asks for."""
+def validated_variant(validation: dict, alpha: float) -> Variant:
+    """How a task with the validated μ̄ is served: steered at its μ̄, or its fallback — the plain adapter
+    (``off``) or μ = 0 inside the mask (``mask_only``, scored with the decoding distribution)."""
+    if validation["steer"]:
+        return Variant("validated", "steered", SteeringConfig("svdecode", float(validation["mu"]), alpha))
+    if validation.get("fallback") == "mask_only":
+        return Variant("validated", "steered", SteeringConfig("svdecode", 0.0, alpha), "floor")
+    return Variant("validated", "adapter")
+
+
+def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None = None, estimates: dict | None = None,
+                      validation: dict | None = None):
+    """Base, PEFT, SVDecode at ``mu`` (both mask policies), the validated μ̄'s serving choice, and the
+    ablations the method doc asks for."""
     out = [
         Variant("base", "base"),
         Variant("peft", "adapter"),
@@ -37,7 +49,11 @@ def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None =
     ]
     if mean_delta is not None:
         out.append(Variant("static", "steered", SteeringConfig("static", mu, alpha, mean_delta)))
+    if validation is not None:
+        out.append(validated_variant(validation, alpha))
     for name, value in (estimates or {}).items():
+        if name == "validated":  # its serving choice is the "validated" variant above
+            continue
         out.append(Variant(f"svdecode_mu_{name}", "steered", SteeringConfig("svdecode", float(value), alpha)))
     return out
 
@@ -59,6 +75,8 @@ def score_items(
         row["base"], row["peft"] = plain.base, plain.adapter
         row["num_tokens"] = plain.num_tokens
         for v in variants:
+            if v.source == "adapter" and v.name != "peft":  # a variant that serves the plain adapter
+                row[v.name] = plain.adapter
             if v.source != "steered":
                 continue
             s = scores_from_logits(cl, v.steering, v.outside_mask)

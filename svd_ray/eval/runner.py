@@ -20,9 +20,11 @@ from svd_ray.eval import metrics
 from svd_ray.eval.config import EvalConfig
 
 TQA_METRICS = ("mc1", "mc2", "mc3", "paper_mc1", "paper_mc2", "paper_mc3")
-MAIN_VARIANTS = ("base", "peft", "svdecode")
+MAIN_VARIANTS = ("base", "peft", "svdecode", "validated", "mask_only")
+COMPARED = ("svdecode", "validated", "mask_only")  # each gets a paired Δ against PEFT
 ABLATIONS = (
     "svdecode",
+    "validated",
     "svdecode_floor",
     "mask_only",
     "no_mask",
@@ -34,22 +36,38 @@ ABLATIONS = (
 )
 
 
-def run_config_for(cfg: EvalConfig, family, method: str) -> RunConfig:
+def cells(cfg: EvalConfig) -> list[tuple]:
+    """Every (family, model, method) the config asks for, in run order."""
+    out = [(f, cfg.model, m) for f in cfg.families for m in cfg.methods]
+    for extra in cfg.extra_runs:
+        out += [(f, extra.model, m) for f in cfg.families if extra.families is None or f.task in extra.families
+                for m in extra.methods]
+    return out
+
+
+def cell_name(cfg: EvalConfig, model: str, method: str) -> str:
+    """The cell's key in results["runs"][family]: the method, plus the model when it is not the main one."""
+    return method if model == cfg.model else f"{method}@{model}"
+
+
+def run_config_for(cfg: EvalConfig, family, method: str, model: str | None = None) -> RunConfig:
     """The run (and store task name) of one cell. The name ends in a hash of every setting that changes the
     trained bundle, so two configs never share a task name (and "latest" of a task is always the same
     config); the readable prefix is truncated, the hash never is."""
+    model = model or cfg.model
     slug = re.sub(r"[^a-z0-9]+", "-", family.task.lower()).strip("-")[:24]
-    run = _run_config(cfg, family, method, "pending")
+    run = _run_config(cfg, family, method, "pending", model)
     settings = {k: v for k, v in run.model_dump().items() if k not in ("run_id", "task_name", "store")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    prefix = f"{cfg.name}-{slug}-{method.replace('_', '-')}"[: 63 - 9].rstrip("-.")
+    model_tag = "" if model == cfg.model else "-" + re.sub(r"[^a-z0-9]+", "-", model.lower())[:12]
+    prefix = f"{cfg.name}-{slug}-{method.replace('_', '-')}{model_tag}"[: 63 - 9].rstrip("-.")
     return run.model_copy(update={"run_id": f"{prefix}-{digest}"})
 
 
-def _run_config(cfg: EvalConfig, family, method: str, run_id: str) -> RunConfig:
+def _run_config(cfg: EvalConfig, family, method: str, run_id: str, model: str) -> RunConfig:
     return RunConfig(
         run_id=run_id,
-        model=cfg.model,
+        model=model,
         peft=PeftConfig(method=method),
         data=DataConfig(
             task=family.task,
@@ -123,7 +141,10 @@ class _Scorer:
         torch.set_flush_denormal(True)
         self.tm = TaskModel.from_bundle(bundle_path, model=model)
         d = self.tm.data
-        self.variants = standard_variants(d.mu, d.alpha, d.mean_delta, d.estimates)
+        # "svdecode" is the paper's μ̄ (plain mean) whatever the bundle's default; "validated" is how the
+        # validated μ̄ serves the task (steered, plain adapter or mask only)
+        self.variants = standard_variants(d.estimates.get("mean", d.mu), d.alpha, d.mean_delta, d.estimates,
+                                          d.validation)
         self.prefix, self.prefix_ids = None, None
 
     def _shared_prefix(self, prompts: list[str]):
@@ -153,8 +174,9 @@ class _Scorer:
 
         gens = []
         gen = GenerationConfig(max_new_tokens=gen_tokens, stop_strings=("\n\n", "\nQ:"))
+        paper_mu = self.tm.data.estimates.get("mean", self.tm.data.mu)  # as the "svdecode" scoring column
         for mode in ("off", "svdecode"):
-            outs = self.tm.generate([g.prompt for g in gen_items], gen, self.tm.steering(mode=mode))
+            outs = self.tm.generate([g.prompt for g in gen_items], gen, self.tm.steering(mode=mode, mu=paper_mu))
             for g, o in zip(gen_items, outs):
                 gens.append({"id": g.id, "mode": mode, "text": o.text.strip()})
         return gens
@@ -164,8 +186,13 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def score_distributed(cfg: EvalConfig, bundle_path: str, data, log) -> tuple[list[dict], list[dict]]:
-    """Score the eval items on ``num_shards`` actors, fed chunk by chunk; progress with ETA on the driver."""
+def score_distributed(cfg: EvalConfig, bundle_path: str, data, log, model: str | None = None, cache=None,
+                      on_items=None) -> tuple[list[dict], list[dict]]:
+    """Score the eval items on ``num_shards`` actors, fed chunk by chunk; progress with ETA on the driver.
+
+    ``cache`` (a :class:`~svd_ray.eval.cells.CellCache`): rows already in it are not scored again and every
+    finished chunk is appended to it, so an interrupted run resumes where it stopped. ``on_items(n)`` is
+    called as items finish (overall progress)."""
     import ray
 
     from svd_ray.progress import Progress
@@ -178,21 +205,32 @@ def score_distributed(cfg: EvalConfig, bundle_path: str, data, log) -> tuple[lis
         else:  # embedded default: a local Ray just big enough for the shards
             ray.init(num_cpus=max(cfg.num_shards * cfg.threads_per_shard, 1), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
+    model = model or cfg.model
     if not os.environ.get("RAY_ADDRESS"):  # local shards share this cache: prepare the model once, here
         from svd_ray.models import resolve_model
 
-        resolve_model(cfg.model)
+        resolve_model(model)
     family = next(f for f in cfg.families if f.task == data.name or data.name.startswith(f.task))
     gen_items = data.eval_gen[: family.gen_size]
-    n_actors = max(1, min(cfg.num_shards, len(data.eval_mc)))
+    done_rows = cache.rows() if cache is not None else {}
+    done_gens = cache.gens() if cache is not None else {}
+    todo = [i for i in data.eval_mc if (i.source, i.id) not in done_rows]
+    gen_todo = [g for g in gen_items if not all((g.id, m) in done_gens for m in ("off", "svdecode"))]
+    rows = [r for r in done_rows.values()]
+    gens = [g for k, g in done_gens.items() if k[0] not in {x.id for x in gen_todo}]
+    if len(todo) < len(data.eval_mc) or len(gen_todo) < len(gen_items):
+        log(f"  resuming: {len(data.eval_mc) - len(todo)} of {len(data.eval_mc)} items and "
+            f"{len(gen_items) - len(gen_todo)} of {len(gen_items)} generations already scored")
+    meter = Progress(len(todo) + len(gen_todo), "  scoring", unit="item", write=log)
+    if not todo and not gen_todo:
+        return _ordered(rows, data), gens
+    n_actors = max(1, min(cfg.num_shards, len(todo) + len(gen_todo)))
     actor_cls = ray.remote(num_cpus=cfg.threads_per_shard, max_restarts=2, max_task_retries=2)(_Scorer)
-    actors = [actor_cls.remote(bundle_path, cfg.model, cfg.threads_per_shard) for _ in range(n_actors)]
-    size = max(1, min(16, -(-len(data.eval_mc) // (n_actors * 8))))  # ~8 chunks per actor, ≤ 16 items each
-    queue = _chunks(list(data.eval_mc), size)
-    gen_queue = _chunks(gen_items, max(1, -(-len(gen_items) // n_actors))) if gen_items else []
-    rows, gens = [], []
+    actors = [actor_cls.remote(bundle_path, model, cfg.threads_per_shard) for _ in range(n_actors)]
+    size = max(1, min(16, -(-len(todo) // (n_actors * 8))))  # ~8 chunks per actor, ≤ 16 items each
+    queue = _chunks(todo, size)
+    gen_queue = _chunks(gen_todo, max(1, min(8, -(-len(gen_todo) // n_actors)))) if gen_todo else []
     busy: dict = {}
-    meter = Progress(len(data.eval_mc) + len(gen_items), "  scoring", unit="item", write=log)
 
     def feed(actor) -> None:
         if queue:
@@ -208,15 +246,23 @@ def score_distributed(cfg: EvalConfig, bundle_path: str, data, log) -> tuple[lis
         while busy:
             ready, _ = ray.wait(list(busy), num_returns=1)
             actor, kind, n = busy.pop(ready[0])
-            (rows if kind == "mc" else gens).extend(ray.get(ready[0]))
+            got = ray.get(ready[0])
+            (rows if kind == "mc" else gens).extend(got)
+            if cache is not None:
+                (cache.add_rows if kind == "mc" else cache.add_gens)(got)
             meter.update(n)
+            if on_items is not None:
+                on_items(n)
             feed(actor)
     finally:
         for actor in actors:
             ray.kill(actor)
+    return _ordered(rows, data), gens
+
+
+def _ordered(rows: list[dict], data) -> list[dict]:
     order = {(i.source, i.id): n for n, i in enumerate(data.eval_mc)}
-    rows.sort(key=lambda r: order[(r["source"], r["id"])])
-    return rows, gens
+    return sorted((r for r in rows if (r["source"], r["id"]) in order), key=lambda r: order[(r["source"], r["id"])])
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -255,14 +301,22 @@ def per_item_scores(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def summarise(rows: list[dict], gens: list[dict], data, cfg: EvalConfig) -> dict:
     scores = per_item_scores(rows)
+    tasks = [k for k in scores if k.endswith("/acc") and not k.startswith("truthfulqa")]
+    if len(tasks) > 1:  # every commonsense item pooled: the headline metric, with a paired CI
+        for suffix in ("acc", "acc_norm"):
+            pooled = scores[f"all/{suffix}"]
+            for k in tasks:
+                for v, vals in scores[k[: -len("/acc")] + "/" + suffix].items():
+                    pooled.setdefault(v, []).extend(vals)
     table = {bm: {v: _ci(s, cfg) for v, s in by_v.items()} for bm, by_v in scores.items()}
-    deltas = {}
-    for bm, by_v in scores.items():
-        if "svdecode" in by_v and "peft" in by_v:
-            deltas[bm] = metrics.paired_bootstrap_ci(
-                by_v["svdecode"], by_v["peft"], n_resamples=cfg.bootstrap_resamples, seed=cfg.seed
-            ).to_dict()
-    accs = [k for k in table if k.endswith("/acc") and not k.startswith("truthfulqa")]
+    deltas: dict = {}  # variant → benchmark → paired Δ (variant − PEFT) with its CI
+    for v in COMPARED:
+        for bm, by_v in scores.items():
+            if v in by_v and "peft" in by_v:
+                deltas.setdefault(v, {})[bm] = metrics.paired_bootstrap_ci(
+                    by_v[v], by_v["peft"], n_resamples=cfg.bootstrap_resamples, seed=cfg.seed
+                ).to_dict()
+    accs = [k for k in table if k.endswith("/acc") and not k.startswith(("truthfulqa", "all/"))]
     if len(accs) > 1:  # macro average over commonsense tasks
         for v in table[accs[0]]:
             table.setdefault("average/acc", {})[v] = {"mean": metrics.mean(table[a][v]["mean"] for a in accs), "n": len(accs)}
@@ -279,7 +333,7 @@ def summarise(rows: list[dict], gens: list[dict], data, cfg: EvalConfig) -> dict
             preds = [g for g in gens if g["mode"] == mode]
             per = metrics_gen(preds, items)
             gen_summary["peft" if mode == "off" else "svdecode"] = {k: _ci(v, cfg) for k, v in per.items()}
-    return {"metrics": table, "svdecode_minus_peft": deltas, "outside_mask_token_share": outside,
+    return {"metrics": table, "deltas": deltas, "outside_mask_token_share": outside,
             "generation": gen_summary, "n_items": len(rows)}
 
 
@@ -308,40 +362,115 @@ def run_evaluation(cfg: EvalConfig, log=print, command: str | None = None) -> di
             ray.shutdown()
 
 
+class _Eta:
+    """Whole-run progress: eval items scored (cached ones count as done) and cells still to train; the ETA
+    extrapolates this invocation's measured seconds per item and per training."""
+
+    def __init__(self, total_items: int, path: Path, log):
+        self.total, self.done, self.path, self.log = total_items, 0, path, log
+        self.score_s = self.scored = 0.0
+        self.train_s, self.trained = 0.0, 0
+        self.t0 = time.perf_counter()
+
+    def line(self, untrained: int) -> str:
+        parts = [f"{self.done}/{self.total} eval items scored ({100 * self.done / max(self.total, 1):.0f}%)"]
+        if self.scored and (self.trained or not untrained):
+            per_item = self.score_s / self.scored
+            left = (self.total - self.done) * per_item + untrained * (self.train_s / max(self.trained, 1))
+            parts.append(f"ETA {left / 3600:.1f} h ({per_item:.2f} s/item, {untrained} cell(s) to train)")
+        else:
+            parts.append(f"ETA after the first trained and scored cell ({untrained} cell(s) to train)")
+        return "progress: " + "; ".join(parts)
+
+    def report(self, untrained: int) -> None:
+        line = self.line(untrained)
+        self.log(line)
+        self.path.write_text(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+
+def _cell_complete(cache, data, family) -> bool:
+    if cache.meta() is None:
+        return False
+    rows, gens = cache.rows(), cache.gens()
+    return (all((i.source, i.id) in rows for i in data.eval_mc)
+            and all((g.id, m) in gens for g in data.eval_gen[: family.gen_size] for m in ("off", "svdecode")))
+
+
+def scoring_settings(cfg: EvalConfig, family) -> dict:
+    """Every eval setting that changes a cell's scored rows (beyond the run config in its run id)."""
+    return {"gen_size": family.gen_size, "gen_max_new_tokens": family.gen_max_new_tokens}
+
+
 def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
+    from svd_ray.eval.cells import CellCache, bundle_digest
     from svd_ray.store import open_store
     from svd_ray.training.task_data import load_task_data
 
     t_start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cells_root = Path(cfg.cells_dir) if cfg.cells_dir else out_dir / "cells"
     results = {"config": cfg.model_dump(), "runs": {}, "command": command or "svd-ray eval CONFIG"}
-    for family in cfg.families:
-        for method in cfg.methods:
-            run = run_config_for(cfg, family, method)
-            log(f"[{family.task} × {method}] run {run.run_id}")
-            t0 = time.perf_counter()
-            data = load_task_data(run.data)
-            log(f"  data: {len(data.train)} train / {len(data.calibration)} calibration / {len(data.eval_mc)} eval items")
-            for note in data.notes:
-                log(f"  note: {note}")
+    plan = cells(cfg)
+    datas, caches = {}, []
+    for family, model, method in plan:  # the split depends on the family only: load each once
+        run = run_config_for(cfg, family, method, model)
+        if family.task not in datas:
+            datas[family.task] = load_task_data(run.data)
+        caches.append(CellCache(cells_root, run.run_id, scoring_settings(cfg, family)))
+    sizes = [len(datas[f.task].eval_mc) + min(len(datas[f.task].eval_gen), f.gen_size) for f, _, _ in plan]
+    eta = _Eta(sum(sizes), out_dir / "progress.txt", log)
+    eta.done = sum(len(c.rows()) + len(c.gens()) // 2 for c in caches)
+    untrained = sum(c.meta() is None for c in caches)
+    log(f"{len(plan)} cells ({len(datas)} task families); resumable state in {cells_root}")
+    eta.report(untrained)
+    reused = 0
+    for k, ((family, model, method), cache) in enumerate(zip(plan, caches)):
+        run = run_config_for(cfg, family, method, model)
+        name = cell_name(cfg, model, method)
+        data = datas[family.task]
+        log(f"[{k + 1}/{len(plan)}] {family.task} × {name}: run {run.run_id}")
+        log(f"  data: {len(data.train)} train / {len(data.calibration)} calibration / {len(data.eval_mc)} eval items")
+        for note in data.notes:
+            log(f"  note: {note}")
+        if _cell_complete(cache, data, family):
+            log("  reusing the finished cell (scored rows on disk for this exact config)")
+            meta, reused = cache.meta(), reused + 1
+            rows, gens = _ordered(list(cache.rows().values()), data), list(cache.gens().values())
+        else:
+            had_meta = cache.meta() is not None
+            t_train = time.perf_counter()
             version, train_info = train_or_reuse(cfg, run, data, log)
-            store = open_store(run.store)
-            path, manifest = store.fetch(run.task, version)
-            rows, gens = score_distributed(cfg, str(path), data, log)
-            summary = summarise(rows, gens, data, cfg)
-            mu = manifest.meta["mu"]
-            summary.update(
-                run_id=run.run_id, version=version, mu=mu["value"], mu_estimator=mu["estimator"],
-                mu_estimates=mu["estimates"], mu_star=mu.get("mu_star"), training=train_info,
-                seconds=round(time.perf_counter() - t0, 1),
-                sizes={"train": len(data.train), "calibration": len(data.calibration), "eval": len(data.eval_mc)},
-            )
-            results["runs"].setdefault(family.task, {})[method] = summary
-            (out_dir / f"rows-{run.run_id}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    render_reports(cfg, results)
+            path, manifest = open_store(run.store).fetch(run.task, version)
+            if not had_meta:
+                eta.train_s += time.perf_counter() - t_train
+                eta.trained += 1
+                untrained -= 1
+            meta = {"version": version, "digest": bundle_digest(manifest), "mu": manifest.meta["mu"],
+                    "training": train_info, "model": model, "method": method, "family": family.task}
+            cache.bind(meta)
+            t_score, before = time.perf_counter(), eta.done
+
+            def on_items(n: int) -> None:
+                eta.done += n
+
+            rows, gens = score_distributed(cfg, str(path), data, log, model=model, cache=cache, on_items=on_items)
+            eta.score_s += time.perf_counter() - t_score
+            eta.scored += eta.done - before
+        summary = summarise(rows, gens, data, cfg)
+        mu = meta["mu"]
+        summary.update(
+            run_id=run.run_id, version=meta["version"], model=model, method=method, mu=mu["value"],
+            mu_estimator=mu["estimator"], mu_estimates=mu["estimates"], mu_star=mu.get("mu_star"),
+            validation=mu.get("validation"), default_mode=mu.get("default_mode"), training=meta["training"],
+            sizes={"train": len(data.train), "calibration": len(data.calibration), "eval": len(data.eval_mc)},
+        )
+        results["runs"].setdefault(family.task, {})[name] = summary
+        results["seconds"] = round(time.perf_counter() - t_start, 1)
+        results["cells"] = {"done": k + 1, "total": len(plan), "reused": reused}
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        render_reports(cfg, results)  # a readable partial report after every cell
+        eta.report(untrained)
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'results.png'} in {results['seconds']} s")
     return results
 

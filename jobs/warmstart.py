@@ -10,7 +10,7 @@ config to the cluster and runs it with submission id = run id. The last line pri
 """
 import sys
 
-from svd_ray.training.ray_train import main
+from svd_ray.training.cli import warmstart_main as main
 
 if __name__ == "__main__":
     try:

@@ -35,43 +35,11 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def load_run_config(path: str | None, overrides: dict, default_yaml: str | None = None):
-    from svd_ray.config import RunConfig
-
-    if path is None:
-        if default_yaml is None:
-            return RunConfig.model_validate(_nest(overrides))
-        path = default_yaml
-    return RunConfig.from_yaml(path, overrides)
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-        node[parts[-1]] = value
-    return out
-
-
 def _run_demo(args) -> int:
     from pathlib import Path
 
     from svd_ray import demo
+    from svd_ray.config import load_run_config, parse_overrides
 
     overrides = parse_overrides(args.set)
     if args.store:

@@ -169,3 +169,61 @@ def default_store_uri() -> str:
         return env
     return (Path.home() / ".local" / "share" / "svd-ray" / "store").as_uri()
 
+
+
+# ------------------------------------------------------------------------------------------ loading
+# The one place a run config is read: YAML file (or a built-in default) + ``--set key.sub=value`` overrides.
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", ...]`` → ``{"a.b": 1}`` (values YAML-typed)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for dotted, value in flat.items():
+        _set_dotted(out, dotted, value)
+    return out
+
+
+def load_run_config(path: str | None, overrides: dict, default_yaml: str | None = None) -> RunConfig:
+    """``path`` (or ``default_yaml``; or overrides alone) with dotted ``overrides`` applied."""
+    if path is None:
+        if default_yaml is None:
+            return RunConfig.model_validate(_nest(overrides))
+        path = default_yaml
+    return RunConfig.from_yaml(path, overrides)
+
+
+def load_config(path: str, sets: list[str] | None = None) -> RunConfig:
+    """Validate ``path`` + ``--set`` overrides into a ``RunConfig``; every user error is a one-line ValueError."""
+    from pydantic import ValidationError
+
+    if not Path(path).is_file():
+        raise ValueError(f"config file not found: {path}")
+    overrides = parse_overrides(sets or [])
+    try:
+        return load_run_config(path, overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+            msg = err.get("msg", "invalid")
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown field"
+            value = err.get("input")
+            shown = "" if err.get("type") in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+            problems.append(f"{field}: {msg}{shown}")
+        raise ValueError(f"{path}: invalid config: " + "; ".join(problems)) from None
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ValueError(f"{path}: not valid YAML: {first}") from None
+    except (TypeError, AttributeError) as exc:  # e.g. --set a.b=1 where a is not a mapping
+        raise ValueError(f"{path}: {exc}") from None

@@ -16,7 +16,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from svd_ray.cli import parse_overrides
+    from svd_ray.config import parse_overrides
     from svd_ray.eval.config import EvalConfig
     from svd_ray.eval.runner import run_evaluation
 

@@ -13,37 +13,8 @@ Bad input (missing file, unknown or invalid config field, bad --set) exits 2 wit
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-
-def load_config(path: str, sets: list[str] | None = None):
-    """Validate ``path`` + ``--set`` overrides into a ``RunConfig``; every user error is a one-line ValueError."""
-    import yaml
-    from pydantic import ValidationError
-
-    from svd_ray.cli import load_run_config, parse_overrides
-
-    if not Path(path).is_file():
-        raise ValueError(f"config file not found: {path}")
-    overrides = parse_overrides(sets or [])
-    try:
-        return load_run_config(path, overrides)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-            msg = err.get("msg", "invalid")
-            if err.get("type") == "extra_forbidden":
-                msg = "unknown field"
-            value = err.get("input")
-            shown = "" if err.get("type") in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
-            problems.append(f"{field}: {msg}{shown}")
-        raise ValueError(f"{path}: invalid config: " + "; ".join(problems)) from None
-    except yaml.YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise ValueError(f"{path}: not valid YAML: {first}") from None
-    except (TypeError, AttributeError) as exc:  # e.g. --set a.b=1 where a is not a mapping
-        raise ValueError(f"{path}: {exc}") from None
+from svd_ray.config import load_config
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:
@@ -150,3 +121,29 @@ def register(subparsers) -> None:
     _address_arg(p, jobs_address)
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     p.set_defaults(func=_cmd_logs)
+
+
+# ------------------------------------------------------------------------------------------ Ray Jobs entrypoint
+
+
+def warmstart_main(argv: list[str] | None = None) -> int:
+    """``python jobs/warmstart.py CONFIG.yaml [--set k=v]``: the training run inside a Ray job (or locally).
+    Prints ``RESULT {json}`` last; exit 0 done, 2 bad config (training failures raise RuntimeError)."""
+    import argparse
+    import json
+
+    from svd_ray.training.ray_train import run_ray
+
+    parser = argparse.ArgumentParser(prog="warmstart", description="SVDecode warm-start + calibration on Ray Train")
+    parser.add_argument("config", help="YAML run config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"warmstart: error: {exc}", file=sys.stderr)
+        return 2
+    result = run_ray(cfg)
+    summary = {k: result[k] for k in ("run_id", "task", "version", "mu", "estimator", "estimates", "seconds")}
+    print("RESULT " + json.dumps(summary, default=str), flush=True)
+    return 0

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from training_helpers import tiny_config
+from training_helpers import FailOnceHooks, tiny_config
 
 pytestmark = [pytest.mark.s3, pytest.mark.integration]
 
@@ -35,14 +35,13 @@ def test_kill_and_resume_with_checkpoints_on_s3(s3_bucket, ray_session, tmp_path
     from pyarrow import fs as pafs
 
     from svd_ray.store import open_store
-    from svd_ray.training.ray_train import ENV_FAIL_AT_STEP, ENV_FAIL_MARKER, fit, train_storage
+    from svd_ray.training.ray_train import fit, train_storage
     from svd_ray.training.task_data import load_task_data
 
     cfg = tiny_config(tmp_path, "s3-killed", training={"max_steps": 6, "checkpoint_every": 2},
                       store=f"s3://{s3_bucket}/store")
-    monkeypatch.setenv(ENV_FAIL_AT_STEP, "3")
-    monkeypatch.setenv(ENV_FAIL_MARKER, str(tmp_path / "fault-marker"))
-    out = fit(cfg, load_task_data(cfg.data))
+    hooks = FailOnceHooks(step=3, rank=cfg.cluster.num_workers - 1, marker=str(tmp_path / "fault-marker"))
+    out = fit(cfg, load_task_data(cfg.data), extra={"hooks": hooks})
     assert (tmp_path / "fault-marker").exists()
     assert out["metrics"]["resumed_from"] == [2] and out["metrics"]["steps"] == 6
     fs, path = train_storage(cfg)

@@ -18,7 +18,8 @@ from svd_ray.training.distributed_calibration import (
     shard,
     shard_bounds,
 )
-from svd_ray.training.ray_train import config_fingerprint, step_examples, train_storage
+from svd_ray.training.ray_train import config_fingerprint, train_storage
+from svd_ray.training.ray_worker import step_examples
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed config
@@ -122,6 +123,28 @@ def test_shard_accumulators_merge_to_the_whole(tiny_adapter):
     torch.testing.assert_close(merged.sum_delta, whole.sum_delta, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("world", [3, 5, 24])  # shard edges off the batch grid; 24 > 16 examples: empty shards
+def test_misaligned_and_empty_shards_merge_to_the_whole(tiny_adapter, world):
+    """Shards whose boundaries do not fall on calibration batches (other padding, other batch mates) and
+    ranks with no example at all still add up to the single-worker statistics — including the validation
+    and its exactly scored candidates."""
+    cfg, model, tok, examples = tiny_adapter
+    kw = dict(alpha=0.1, batch_size=4, max_length=64)
+    whole = calibrate_distributed(model, tok, examples, **kw)
+    parts = [calibrate_shard(model, tok, examples, rank=r, world_size=world, **kw) for r in range(world)]
+    assert sum(p.count == 0 for p in parts) == (world - len(examples) if world > len(examples) else 0)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    merged.score_candidates_()
+    assert merged.count == whole.count > 0
+    for name in ("mean", "median", "sequence", "trimmed_mean"):
+        assert merged.estimate(name) == pytest.approx(whole.estimate(name), rel=1e-5), name
+    torch.testing.assert_close(merged.validation.nll, whole.validation.nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged.validation.cand_nll, whole.validation.cand_nll, rtol=1e-5, atol=1e-6)
+    assert merged.validation.choose()["steer"] == whole.validation.choose()["steer"]
+
+
 def test_randomize_adapter_is_seeded(tiny_adapter):
     from svd_ray.training.local import prepare_model
 
@@ -134,7 +157,7 @@ def test_randomize_adapter_is_seeded(tiny_adapter):
 
 def test_publish_twice_with_same_run_is_idempotent(tiny_adapter, tmp_path):
     from svd_ray.store import open_store
-    from svd_ray.training.ray_train import _publish
+    from svd_ray.training.ray_worker import _publish
 
     cfg, model, tok, examples = tiny_adapter
     cfg = tiny_config(tmp_path / "store", "pub-twice")
@@ -286,7 +309,7 @@ def test_consolidated_adapter_state_survives_publish_and_reload(method, tmp_path
     from svd_ray.models.peft_methods import load_peft_model
     from svd_ray.store import open_store
     from svd_ray.training.local import prepare_model
-    from svd_ray.training.ray_train import _publish, load_adapter_state
+    from svd_ray.training.ray_worker import _publish, load_adapter_state
 
     cfg = tiny_config(tmp_path / "store", f"handoff-{method.replace('_', '-')}", peft={"method": method})
     trained, tok, ref = prepare_model(cfg)

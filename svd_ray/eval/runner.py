@@ -131,7 +131,7 @@ class _Scorer:
     """A Ray actor per shard: loads the task bundle once, then scores the chunks the driver hands it (so
     the driver sees progress item by item, and a chunk lost with a crashed actor is retried)."""
 
-    def __init__(self, bundle_path: str, model: str, threads: int):
+    def __init__(self, bundle: dict | str, model: str, threads: int):
         import torch
 
         from svd_ray.engine import TaskModel
@@ -139,7 +139,11 @@ class _Scorer:
 
         torch.set_num_threads(threads)
         torch.set_flush_denormal(True)
-        self.tm = TaskModel.from_bundle(bundle_path, model=model)
+        if isinstance(bundle, dict):  # {"store", "task", "version"}: fetched (and verified) on this actor's node
+            from svd_ray.store import open_store
+
+            bundle = str(open_store(bundle["store"]).fetch(bundle["task"], bundle["version"])[0])
+        self.tm = TaskModel.from_bundle(bundle, model=model)
         d = self.tm.data
         # "svdecode" is the paper's μ̄ (plain mean) whatever the bundle's default; "validated" is how the
         # validated μ̄ serves the task (steered, plain adapter or mask only)
@@ -186,9 +190,12 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def score_distributed(cfg: EvalConfig, bundle_path: str, data, log, model: str | None = None, cache=None,
+def score_distributed(cfg: EvalConfig, bundle: dict | str, data, log, model: str | None = None, cache=None,
                       on_items=None) -> tuple[list[dict], list[dict]]:
     """Score the eval items on ``num_shards`` actors, fed chunk by chunk; progress with ETA on the driver.
+
+    ``bundle``: ``{"store", "task", "version"}`` — every actor fetches the bundle from the store on its own
+    node (so actors on other nodes of a cluster work) — or a local bundle folder (single machine).
 
     ``cache`` (a :class:`~svd_ray.eval.cells.CellCache`): rows already in it are not scored again and every
     finished chunk is appended to it, so an interrupted run resumes where it stopped. ``on_items(n)`` is
@@ -226,7 +233,7 @@ def score_distributed(cfg: EvalConfig, bundle_path: str, data, log, model: str |
         return _ordered(rows, data), gens
     n_actors = max(1, min(cfg.num_shards, len(todo) + len(gen_todo)))
     actor_cls = ray.remote(num_cpus=cfg.threads_per_shard, max_restarts=2, max_task_retries=2)(_Scorer)
-    actors = [actor_cls.remote(bundle_path, model, cfg.threads_per_shard) for _ in range(n_actors)]
+    actors = [actor_cls.remote(bundle, model, cfg.threads_per_shard) for _ in range(n_actors)]
     size = max(1, min(16, -(-len(todo) // (n_actors * 8))))  # ~8 chunks per actor, ≤ 16 items each
     queue = _chunks(todo, size)
     gen_queue = _chunks(gen_todo, max(1, min(8, -(-len(gen_todo) // n_actors)))) if gen_todo else []
@@ -441,7 +448,7 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
             had_meta = cache.meta() is not None
             t_train = time.perf_counter()
             version, train_info = train_or_reuse(cfg, run, data, log)
-            path, manifest = open_store(run.store).fetch(run.task, version)
+            manifest = open_store(run.store).manifest(run.task, version)
             if not had_meta:
                 eta.train_s += time.perf_counter() - t_train
                 eta.trained += 1
@@ -454,7 +461,8 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
             def on_items(n: int) -> None:
                 eta.done += n
 
-            rows, gens = score_distributed(cfg, str(path), data, log, model=model, cache=cache, on_items=on_items)
+            bundle = {"store": run.store, "task": run.task, "version": version}
+            rows, gens = score_distributed(cfg, bundle, data, log, model=model, cache=cache, on_items=on_items)
             eta.score_s += time.perf_counter() - t_score
             eta.scored += eta.done - before
         summary = summarise(rows, gens, data, cfg)

@@ -11,14 +11,21 @@ Keys are ``/``-separated and relative to the store root. The only primitive with
 
 Every other write is "last writer wins" and is only used for keys that are private to one publisher
 (a per-upload data prefix), so no correctness argument needs ``If-Match``.
+
+Failures of the storage itself (connection refused/reset, timeouts after the client's bounded retries,
+HTTP 5xx and throttling, local I/O errors of a vanished mount) raise :class:`StoreUnavailable`. The S3
+client's timeouts and attempts are bounded (``SVD_RAY_S3_CONNECT_TIMEOUT``, ``SVD_RAY_S3_READ_TIMEOUT``,
+``SVD_RAY_S3_MAX_ATTEMPTS``; see :func:`s3_client_limits`), so no call hangs on a dead or frozen server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -28,9 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import NotFoundError, StoreError
+from .errors import NotFoundError, StoreError, StoreUnavailable
 
-__all__ = ["ObjectInfo", "Backend", "LocalBackend", "S3Backend"]
+__all__ = ["ObjectInfo", "Backend", "LocalBackend", "S3Backend", "S3ClientLimits", "s3_client_limits"]
+
+#: errno values of a local/network filesystem that is failing (not of a bad request): StoreUnavailable.
+_UNAVAILABLE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EIO", "ETIMEDOUT", "ESTALE", "ENOTCONN", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH")
+    if hasattr(errno, name)
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,10 @@ class LocalBackend(Backend):
         return NotFoundError(f"{self.describe()}/{key} does not exist")
 
     def _os_error(self, op: str, key: str, exc: OSError) -> StoreError:
-        return StoreError(f"{op} {self.describe()}/{key} failed: {exc.strerror or exc}")
+        msg = f"{op} {self.describe()}/{key} failed: {exc.strerror or exc}"
+        if exc.errno in _UNAVAILABLE_ERRNOS:
+            return StoreUnavailable(f"storage unavailable: {msg}")
+        return StoreError(msg)
 
     def _place(self, tmp: Path, key: str, exclusive: bool) -> bool:
         """Move the finished temp file to ``key``: ``os.replace`` or, if ``exclusive``, ``os.link`` (False if
@@ -210,6 +227,10 @@ class LocalBackend(Backend):
             if not dest.parent.is_dir():
                 raise
             raise self._missing(key) from None
+        except OSError as exc:
+            if exc.errno in _UNAVAILABLE_ERRNOS:
+                raise self._os_error("read", key, exc) from exc
+            raise
 
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
         base = self.root
@@ -217,9 +238,19 @@ class LocalBackend(Backend):
         dir_part, _, _ = prefix.rpartition("/")
         start = base.joinpath(*dir_part.split("/")) if dir_part else base
         out: list[ObjectInfo] = []
-        if not start.is_dir():
+        try:
+            if not stat.S_ISDIR(os.stat(start).st_mode):
+                return out
+        except (FileNotFoundError, NotADirectoryError):
             return out
-        for dirpath, dirnames, filenames in os.walk(start):
+        except OSError as exc:  # e.g. EIO from a dead mount: not "empty"
+            raise self._os_error("list", prefix, exc) from exc
+
+        def onerror(exc: OSError) -> None:
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # vanished while listing: fine
+                raise self._os_error("list", prefix, exc) from exc
+
+        for dirpath, dirnames, filenames in os.walk(start, onerror=onerror):
             rel_dir = Path(dirpath).relative_to(base).as_posix()
             if rel_dir == ".tmp" or rel_dir.startswith(".tmp/"):
                 dirnames[:] = []
@@ -232,6 +263,8 @@ class LocalBackend(Backend):
                     st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:  # deleted while listing
                     continue
+                except OSError as exc:
+                    raise self._os_error("list", key, exc) from exc
                 out.append(ObjectInfo(key, st.st_size, f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}", st.st_mtime))
         out.sort(key=lambda o: o.key)
         return out
@@ -287,6 +320,46 @@ def _client_error_code(exc: Exception) -> tuple[str, int]:
     return code, status
 
 
+@dataclass(frozen=True)
+class S3ClientLimits:
+    """Bounds of every S3 request: seconds to connect, seconds without a byte while reading (a socket
+    timeout, not a limit on a whole transfer), and total attempts per request (first try included; retries
+    cover connection errors, timeouts, 5xx and throttling with botocore's "standard" backoff). Worst case for
+    one request: about ``max_attempts * read_timeout`` plus a few seconds of backoff against a server that
+    accepts connections but never answers, ``max_attempts * connect_timeout`` against a host that drops
+    packets, about a second against a closed port. A download may take one more transfer-level attempt."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 3
+
+
+S3_LIMIT_ENV = {
+    "connect_timeout": "SVD_RAY_S3_CONNECT_TIMEOUT",
+    "read_timeout": "SVD_RAY_S3_READ_TIMEOUT",
+    "max_attempts": "SVD_RAY_S3_MAX_ATTEMPTS",
+}
+
+
+def s3_client_limits() -> S3ClientLimits:
+    """The defaults of :class:`S3ClientLimits`, overridden by ``SVD_RAY_S3_CONNECT_TIMEOUT`` / ``_READ_TIMEOUT``
+    (seconds, > 0) and ``SVD_RAY_S3_MAX_ATTEMPTS`` (integer >= 1). A bad value is a :class:`StoreError`."""
+    values: dict[str, Any] = {}
+    for name, env in S3_LIMIT_ENV.items():
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            continue
+        try:
+            value: float | int = int(raw) if name == "max_attempts" else float(raw)
+        except ValueError:
+            value = 0
+        if not (value > 0 and math.isfinite(value)):
+            kind = "an integer >= 1" if name == "max_attempts" else "a number of seconds > 0"
+            raise StoreError(f"{env}={raw!r} is invalid: it must be {kind}")
+        values[name] = value
+    return S3ClientLimits(**values)
+
+
 _LOADER: Any = None
 _LOADER_LOCK = threading.Lock()
 
@@ -317,12 +390,27 @@ class S3Backend(Backend):
 
     parallel_uploads = True
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        limits: S3ClientLimits | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self._client = client
+        self._limits = limits
         self._lock = threading.Lock()
+
+    @property
+    def limits(self) -> S3ClientLimits:
+        """The request bounds in force (explicit ``limits``, else the environment, else the defaults)."""
+        if self._limits is None:
+            self._limits = s3_client_limits()
+        return self._limits
 
     # -- plumbing
 
@@ -338,12 +426,13 @@ class S3Backend(Backend):
                         if (self.endpoint_url)
                         else {}
                     )
+                    lim = self.limits
                     cfg = Config(
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
-                        retries={"max_attempts": 4, "mode": "standard"},
-                        connect_timeout=10,
-                        read_timeout=120,
+                        retries={"total_max_attempts": lim.max_attempts, "mode": "standard"},
+                        connect_timeout=lim.connect_timeout,
+                        read_timeout=lim.read_timeout,
                         max_pool_connections=16,
                         s3=s3_cfg,
                     )
@@ -360,8 +449,16 @@ class S3Backend(Backend):
     def _rel(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
-    def _wrap(self, exc: Exception, what: str) -> StoreError:
-        """Translate boto/botocore failures into one-line :class:`StoreError` subclasses."""
+    def _wrap(self, exc: BaseException, what: str) -> StoreError:
+        """Translate boto/botocore failures into one-line :class:`StoreError` subclasses; failures of the
+        server or the network (not of the request) become :class:`StoreUnavailable`."""
+        if isinstance(exc, StoreError):
+            return exc
+        inner = getattr(exc, "last_exception", None)  # boto3 RetriesExceededError (download_file)
+        if isinstance(inner, BaseException):
+            return self._wrap(inner, what)
+        if type(exc).__name__ == "S3UploadFailedError" and isinstance(exc.__cause__, BaseException):
+            return self._wrap(exc.__cause__, what)
         code, status = _client_error_code(exc)
         if code in ("NoSuchKey", "404", "NotFound") or (status == 404 and code != "NoSuchBucket"):
             return NotFoundError(f"{what}: not found in {self.describe()}")
@@ -372,17 +469,29 @@ class S3Backend(Backend):
         name = type(exc).__name__
         if name in ("NoCredentialsError", "PartialCredentialsError"):
             return StoreError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
-            return StoreError(f"{what}: cannot reach S3 endpoint of {self.describe()} ({name})")
+        lim = self.limits
+        if _is_unreachable(exc):
+            return StoreUnavailable(
+                f"{what}: storage unavailable: cannot reach S3 endpoint of {self.describe()} ({name}; "
+                f"{lim.max_attempts} attempt(s), connect/read timeouts {lim.connect_timeout:g}/{lim.read_timeout:g} s)"
+            )
+        if status in (500, 502, 503, 504) or code in _UNAVAILABLE_CODES:
+            return StoreUnavailable(
+                f"{what}: storage unavailable: S3 endpoint of {self.describe()} answered {code or status} "
+                f"after {lim.max_attempts} attempt(s)"
+            )
         msg = str(exc).splitlines()[0] if str(exc) else name
         return StoreError(f"{what}: S3 error from {self.describe()}: {msg}")
 
     def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(**kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._wrap(exc, what) from exc
+        except (ConnectionError, TimeoutError, *_urllib3_errors()) as exc:  # a socket error botocore did not wrap
             raise self._wrap(exc, what) from exc
 
     # -- interface
@@ -410,14 +519,7 @@ class S3Backend(Backend):
                 raise self._wrap(exc, f"create bucket {self.bucket!r}") from exc
 
     def upload_file(self, key: str, src: Path) -> None:
-        from boto3.exceptions import S3UploadFailedError
-
-        try:
-            self._call(
-                f"upload {key}", self.client.upload_file, Filename=str(src), Bucket=self.bucket, Key=self._key(key)
-            )
-        except S3UploadFailedError as exc:
-            raise StoreError(f"upload {key} to {self.describe()} failed: {str(exc).splitlines()[0]}") from exc
+        self._call(f"upload {key}", self.client.upload_file, Filename=str(src), Bucket=self.bucket, Key=self._key(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(f"put {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -439,24 +541,31 @@ class S3Backend(Backend):
                     time.sleep(0.05 * (2**attempt))
                     continue
                 raise self._wrap(exc, f"create {key}") from exc
-            except BotoCoreError as exc:
+            except (BotoCoreError, ConnectionError, TimeoutError) as exc:
                 raise self._wrap(exc, f"create {key}") from exc
         return False
 
     def read_bytes(self, key: str) -> bytes:
         resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         with contextlib.closing(resp["Body"]) as body:
-            data: bytes = body.read()
+            data: bytes = self._call(key, body.read)
         return data
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
         resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         with contextlib.closing(resp["Body"]) as body:
-            yield body
+            yield _GuardedStream(body, self, key)  # type: ignore[misc]
 
     def download_file(self, key: str, dest: Path) -> None:
-        self._call(key, self.client.download_file, Bucket=self.bucket, Key=self._key(key), Filename=str(dest))
+        from boto3.s3.transfer import TransferConfig
+
+        # botocore already retries each request; one more attempt at the transfer level covers a body cut
+        # off mid-stream, and keeps the worst case bounded (see S3ClientLimits).
+        cfg = TransferConfig(num_download_attempts=2)
+        self._call(
+            key, self.client.download_file, Bucket=self.bucket, Key=self._key(key), Filename=str(dest), Config=cfg
+        )
 
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
@@ -501,3 +610,50 @@ class S3Backend(Backend):
                 raise StoreError(
                     f"delete {e.get('Key')} in {self.describe()} failed: {e.get('Code')} {e.get('Message')}"
                 )
+
+
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "BadGateway",
+        "GatewayTimeout",
+    }
+)
+
+
+def _urllib3_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import urllib3.exceptions
+
+        return (urllib3.exceptions.HTTPError,)
+    except ImportError:  # pragma: no cover - urllib3 ships with botocore
+        return ()
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Connection refused/reset/closed, timeouts, broken streams: the server or network, not the request."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, ResponseStreamingError
+
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ResponseStreamingError, _urllib3_errors())):
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+class _GuardedStream:
+    """A response body whose read errors (a server dying mid-stream) surface as :class:`StoreUnavailable`."""
+
+    def __init__(self, body: Any, backend: S3Backend, key: str) -> None:
+        self._body = body
+        self._backend = backend
+        self._key = key
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._backend._call(self._key, self._body.read, **({"amt": n} if n >= 0 else {}))
+        return data

@@ -7,7 +7,8 @@ Wire into the main CLI with::
     ...
     if args.command == "tasks": sys.exit(run_tasks(args))
 
-Exit codes: 0 success, 1 ``verify`` found problems, 2 error (one line on stderr, never a traceback).
+Exit codes: 0 success, 1 ``verify`` found problems, 2 error (one line on stderr, never a traceback), 3 the
+storage is unavailable (:class:`~svd_ray.store.errors.StoreUnavailable`: retry later; also one line).
 Standalone: ``python -m svd_ray.store.cli tasks list``.
 """
 
@@ -21,12 +22,12 @@ from typing import Any
 
 from . import open_store
 from .bundle_store import BundleStore
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .uri import DEFAULT_STORE_URI, default_store_uri
 
 __all__ = ["add_tasks_parser", "run_tasks", "main"]
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 def _common() -> argparse.ArgumentParser:
@@ -53,7 +54,9 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub = tasks.add_subparsers(dest="tasks_command", metavar="{list,show,verify,promote,delete,publish,fetch,gc}")
     sub.required = True
 
-    p = sub.add_parser("list", parents=[common], help="list tasks, or the versions of one task")
+    p = sub.add_parser(
+        "list", parents=[common], help="list tasks, or the versions of one task (deleted versions are marked)"
+    )
     p.add_argument("task", nargs="?", help="list this task's versions")
 
     p = sub.add_parser("show", parents=[common], help="print a version's manifest")
@@ -70,10 +73,15 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("version", help="version or 'latest'")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the files before promoting")
 
-    p = sub.add_parser("delete", parents=[common], help="delete a version (manifest first, then files)")
+    p = sub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a version for good (a tombstone keeps its name: it can never be published again)",
+    )
     p.add_argument("task")
     p.add_argument("version", help="explicit version name (aliases are not accepted)")
     p.add_argument("--force", action="store_true", help="also delete the currently promoted version")
+    p.add_argument("--reason", default="", help="why (recorded in the tombstone, shown by `tasks list TASK`)")
 
     p = sub.add_parser("publish", parents=[common], help="publish a directory as a new version")
     p.add_argument("task")
@@ -90,7 +98,9 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights-sha256", default=None)
     p.add_argument("--tokenizer-sha256", default=None)
 
-    p = sub.add_parser("gc", parents=[common], help="remove data left by failed or losing publishes")
+    p = sub.add_parser(
+        "gc", parents=[common], help="remove data left by failed or losing publishes and by interrupted deletes"
+    )
     p.add_argument("task", nargs="?")
     p.add_argument(
         "--min-age", type=float, default=3600.0, metavar="SECONDS", help="only older leftovers (default 3600)"
@@ -107,23 +117,35 @@ def _run(store: BundleStore, args: argparse.Namespace) -> int:
     if cmd == "list":
         if args.task:
             versions = store.list_versions(args.task)
+            deleted = store.deleted_versions(args.task)
             promoted = store.promoted(args.task)
-            rows = [{"version": v, "promoted": v == promoted} for v in versions]
-            _out(args, rows, "\n".join(f"{v}{'  (promoted)' if v == promoted else ''}" for v in versions))
+            rows: list[dict[str, Any]] = [{"version": v, "promoted": v == promoted, "deleted": None} for v in versions]
+            rows += [
+                {
+                    "version": t.version,
+                    "promoted": t.version == promoted,
+                    "deleted": {"deleted_at": t.deleted_at, "reason": t.reason},
+                }
+                for t in deleted
+            ]
+            _out(args, rows, "\n".join(_version_line(r) for r in rows))
         else:
             rows = []
-            for t in store.list_tasks():
+            for t in store.list_tasks(include_deleted=True):
                 versions = store.list_versions(t)
+                n_deleted = len(store.deleted_versions(t))
                 rows.append(
                     {
                         "task": t,
                         "versions": len(versions),
                         "latest": versions[-1] if versions else None,
                         "promoted": store.promoted(t),
+                        "deleted": n_deleted,
                     }
                 )
             text = "\n".join(
-                f"{r['task']}\t{r['versions']} version(s)\tlatest {r['latest']}\tpromoted {r['promoted'] or '-'}"
+                f"{r['task']}\t{r['versions']} version(s)\tlatest {r['latest'] or '-'}\tpromoted {r['promoted'] or '-'}"
+                + (f"\t{r['deleted']} deleted" if r["deleted"] else "")
                 for r in rows
             )
             _out(args, rows, text)
@@ -152,8 +174,14 @@ def _run(store: BundleStore, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     if cmd == "delete":
-        store.delete(args.task, args.version, force=args.force)
-        _out(args, {"deleted": [args.task, args.version]}, f"deleted {args.task} {args.version}")
+        before = _tombstone_before(store, args.task, args.version)
+        tomb = store.delete(args.task, args.version, force=args.force, reason=args.reason)
+        text = (
+            f"{args.task} {args.version} was already deleted at {tomb.deleted_at}"
+            if before is not None
+            else f"deleted {args.task} {args.version} (a tombstone keeps the name: it cannot be published again)"
+        )
+        _out(args, {"deleted": [args.task, args.version], "tombstone": tomb.to_dict()}, text)
         return EXIT_OK
     if cmd == "publish":
         meta: dict[str, Any] = {}
@@ -187,14 +215,38 @@ def _run(store: BundleStore, args: argparse.Namespace) -> int:
     raise StoreError(f"unknown tasks command {cmd!r}")
 
 
+def _version_line(row: dict[str, Any]) -> str:
+    marks = ["promoted"] if row["promoted"] else []
+    if row["deleted"]:
+        d = row["deleted"]
+        marks.append(f"deleted {d['deleted_at']}" + (f": {d['reason']}" if d["reason"] else ""))
+    return row["version"] + (f"  ({', '.join(marks)})" if marks else "")
+
+
+def _tombstone_before(store: BundleStore, task: str, version: str) -> object | None:
+    """The version's tombstone if it is already deleted (bad names are left to the command to report)."""
+    from .errors import IntegrityError, InvalidNameError
+
+    try:
+        return store.tombstone(task, version)
+    except InvalidNameError:
+        return None
+    except IntegrityError:  # unreadable record: still deleted
+        return True
+
+
 def run_tasks(args: argparse.Namespace) -> int:
-    """Execute parsed ``tasks`` arguments; return the exit code (errors: one line on stderr, code 2)."""
+    """Execute parsed ``tasks`` arguments; return the exit code (errors: one line on stderr, code 2; storage
+    unavailable: code 3)."""
     try:
         store = open_store(args.store or default_store_uri(), endpoint_url=args.endpoint_url)
         return _run(store, args)
     except KeyboardInterrupt:
         print("svd-ray tasks: interrupted", file=sys.stderr)
         return 130
+    except StoreUnavailable as exc:
+        print(f"svd-ray tasks: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except StoreError as exc:
         msg = str(exc)
     except (OSError, ValueError) as exc:

@@ -25,6 +25,8 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "PromotionRecord",
+    "Tombstone",
+    "TOMBSTONE_NAME",
     "canonical_json",
     "seal",
     "unseal",
@@ -34,6 +36,8 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TOMBSTONE_NAME = "tombstone.json"
+TOMBSTONE_REASON_MAX = 500
 _SHA_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _DATA_PREFIX_RE = re.compile(r"data-[0-9a-f]{8,64}", re.ASCII)
 
@@ -273,6 +277,75 @@ class PromotionRecord:
             rec = cls(obj["task"], obj["version"], int(obj["seq"]), obj["promoted_at"], obj["manifest_sha256"])
             validate_task_name(rec.task)
             validate_version(rec.version)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{where} is invalid: {exc}") from None
+        return rec
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """The create-once record ``tasks/<task>/<version>/tombstone.json`` left by a delete.
+
+    Its *presence* is what matters: a version with a tombstone is deleted for good (it is never listed,
+    fetched or promoted, and its name can never be published again), whatever else is stored under it. The
+    fields say what was deleted and why: ``manifest_sha256``/``created_at`` of the deleted manifest (``None``
+    when the manifest was unreadable), ``deleted_at`` (UTC) and a free-text ``reason``.
+    """
+
+    task: str
+    version: str
+    deleted_at: str
+    reason: str = ""
+    manifest_sha256: str | None = None
+    created_at: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return seal(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "tombstone",
+                "task": self.task,
+                "version": self.version,
+                "deleted_at": self.deleted_at,
+                "reason": self.reason,
+                "manifest_sha256": self.manifest_sha256,
+                "created_at": self.created_at,
+            },
+            "tombstone_sha256",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "version": self.version,
+            "deleted_at": self.deleted_at,
+            "reason": self.reason,
+            "manifest_sha256": self.manifest_sha256,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str) -> Tombstone:
+        obj = unseal(data, "tombstone_sha256", where)
+        if obj.get("schema_version") != SCHEMA_VERSION or obj.get("kind") != "tombstone":
+            raise StoreError(f"{where} has unsupported schema_version/kind")
+        try:
+            rec = cls(
+                obj["task"],
+                obj["version"],
+                obj["deleted_at"],
+                obj["reason"],
+                obj["manifest_sha256"],
+                obj["created_at"],
+            )
+            validate_task_name(rec.task)
+            validate_version(rec.version)
+            for name in ("deleted_at", "reason"):
+                if not isinstance(getattr(rec, name), str):
+                    raise TypeError(f"{name} must be a string")
+            for name in ("manifest_sha256", "created_at"):
+                if getattr(rec, name) is not None and not isinstance(getattr(rec, name), str):
+                    raise TypeError(f"{name} must be a string or null")
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"{where} is invalid: {exc}") from None
         return rec

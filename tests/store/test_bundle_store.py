@@ -18,6 +18,7 @@ from svd_ray.store import (
     MismatchError,
     NotFoundError,
     StoreError,
+    StoreUnavailable,
 )
 
 from svd_ray.store.backends import LocalBackend
@@ -314,11 +315,12 @@ def test_delete_keeps_other_versions(store: BundleStore, bundle: Path, meta: dic
         store.delete("t", "v2")
     store.delete("t", "v1")
     assert store.list_versions("t") == ["v2"]
-    assert version_keys(store, "t", "v1") == []
+    assert version_keys(store, "t", "v1") == ["tasks/t/v1/tombstone.json"]  # only the tombstone is left
     with pytest.raises(NotFoundError):
         store.fetch("t", "v1")
-    with pytest.raises(NotFoundError):
-        store.delete("t", "v1")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        store.delete("t", "v9")  # never published: nothing to delete, no tombstone written
+    assert version_keys(store, "t", "v9") == []
     path, _ = store.fetch("t")
     assert read_tree(path) == read_tree(other)
     assert store.verify("t", "v2") == [] and store.promoted("t") == "v2"
@@ -383,18 +385,29 @@ def test_lost_response_on_manifest_create_is_not_a_conflict(
     assert store.fetch("t", "v1")[1].manifest_sha256 == m.manifest_sha256
 
 
+@pytest.mark.parametrize("error", [StoreError, StoreUnavailable])
 def test_unknown_outcome_keeps_uploaded_data(
-    store: BundleStore, bundle: Path, meta: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    store: BundleStore, bundle: Path, meta: dict[str, Any], monkeypatch: pytest.MonkeyPatch, error: type
 ) -> None:
     """If the manifest create fails *and* its outcome cannot be checked, the data is kept for gc()."""
+    sent = []
+    real_read = store.backend.read_bytes
 
-    def fail(*_: Any) -> Any:
-        raise StoreError("injected network failure")
+    def fail_create(*_: Any) -> Any:
+        sent.append(True)
+        raise error("injected network failure")
 
-    monkeypatch.setattr(store.backend, "create_once", fail)
-    monkeypatch.setattr(store.backend, "read_bytes", fail)
-    with pytest.raises(StoreError, match="injected"):
+    def read_after_create(key: str) -> bytes:
+        if sent:
+            raise error("injected network failure")
+        return real_read(key)
+
+    monkeypatch.setattr(store.backend, "create_once", fail_create)
+    monkeypatch.setattr(store.backend, "read_bytes", read_after_create)
+    with pytest.raises(error, match="injected") as exc:
         store.publish("t", bundle, meta, version="v1")
+    if error is StoreUnavailable:
+        assert "outcome is unknown" in str(exc.value)
     monkeypatch.undo()
     assert store.list_versions("t") == []
     assert store.backend.list_objects("tasks/t/v1/")  # kept ...

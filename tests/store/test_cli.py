@@ -36,7 +36,10 @@ def test_happy_path(capsys: pytest.CaptureFixture[str], populated: str, tmp_path
     rc, out, _ = run(capsys, "list", "--store", populated)
     assert rc == 0 and out.startswith("arc\t2 version(s)\tlatest v2\tpromoted -")
     rc, out, _ = run(capsys, "list", "arc", "--store", populated, "--json")
-    assert rc == 0 and json.loads(out) == [{"version": "v1", "promoted": False}, {"version": "v2", "promoted": False}]
+    assert rc == 0 and json.loads(out) == [
+        {"version": "v1", "promoted": False, "deleted": None},
+        {"version": "v2", "promoted": False, "deleted": None},
+    ]
     rc, out, _ = run(capsys, "show", "arc", "--store", populated)
     assert rc == 0 and json.loads(out)["version"] == "v2"
     rc, out, _ = run(capsys, "verify", "arc", "--all", "--store", populated)
@@ -105,7 +108,7 @@ def test_bad_store_uri_and_server(capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(capsys, "list", "--store", "gs://bucket/x")
     assert rc == 2 and "unsupported store URI scheme" in err
     rc, _, err = run(capsys, "list", "--store", "s3://b/p", "--endpoint-url", "http://127.0.0.1:9")
-    assert rc == 2 and "cannot reach S3 endpoint" in err and err.count("\n") == 1
+    assert rc == 3 and "cannot reach S3 endpoint" in err and err.count("\n") == 1  # 3: storage unavailable
 
 
 def test_delete_promoted_needs_force(capsys: pytest.CaptureFixture[str], populated: str) -> None:
@@ -157,3 +160,36 @@ def test_module_entry_point(populated: str) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("svd-ray tasks: error: invalid task name")
+
+
+def test_deleted_versions(capsys: pytest.CaptureFixture[str], populated: str, bundle: Path) -> None:
+    """Deleted versions are listed as such, cannot be shown, fetched or published again, and deleting
+    twice says so."""
+    rc, out, _ = run(capsys, "delete", "arc", "v1", "--reason", "bad eval", "--store", populated)
+    assert rc == 0 and out.startswith("deleted arc v1") and "cannot be published again" in out
+    rc, out, _ = run(capsys, "delete", "arc", "v1", "--store", populated)
+    assert rc == 0 and out.startswith("arc v1 was already deleted at ")
+    rc, out, _ = run(capsys, "list", "arc", "--store", populated)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == "v2" and lines[1].startswith("v1  (deleted ") and lines[1].endswith(": bad eval)")
+    rc, out, _ = run(capsys, "list", "arc", "--store", populated, "--json")
+    rows = json.loads(out)
+    assert rows[1]["version"] == "v1" and rows[1]["deleted"]["reason"] == "bad eval"
+    rc, out, _ = run(capsys, "list", "--store", populated)
+    assert out.strip() == "arc\t1 version(s)\tlatest v2\tpromoted -\t1 deleted"
+    for argv, message in (
+        (["show", "arc", "v1"], "was deleted at"),
+        (["fetch", "arc", "v1"], "was deleted at"),
+        (["verify", "arc", "v1"], "was deleted at"),
+        (["promote", "arc", "v1"], "was deleted at"),
+        (["publish", "arc", str(bundle), "--version", "v1"], "never reused"),
+        (["delete", "arc", "v1", "--reason", "a\nb"], "one printable line"),
+    ):
+        rc, _, err = run(capsys, *argv, "--store", populated)
+        assert rc == 2 and message in err and err.count("\n") == 1, (argv, err)
+    # A task whose every version was deleted is still listed (with 0 live versions).
+    assert run(capsys, "delete", "arc", "v2", "--store", populated)[0] == 0
+    rc, out, _ = run(capsys, "list", "--store", populated, "--json")
+    assert json.loads(out) == [{"task": "arc", "versions": 0, "latest": None, "promoted": None, "deleted": 2}]
+    rc, out, _ = run(capsys, "list", "--store", populated)
+    assert out.strip() == "arc\t0 version(s)\tlatest -\tpromoted -\t2 deleted"

@@ -18,7 +18,7 @@ from svd_ray.store import (
     validate_task_name,
     validate_version,
 )
-from svd_ray.store.manifest import FileEntry, PromotionRecord, canonical_json, seal
+from svd_ray.store.manifest import FileEntry, PromotionRecord, Tombstone, canonical_json, seal
 
 from store_helpers import make_meta
 
@@ -167,3 +167,22 @@ def test_promotion_record_sealed() -> None:
     with pytest.raises(IntegrityError):
         PromotionRecord.from_bytes(bytes(bad), where="r")
     assert canonical_json({"b": 1, "a": [1.5]}) == b'{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+
+
+def test_tombstone_sealed() -> None:
+    tomb = Tombstone("arc", "v1", "2026-01-02T00:00:00.000000Z", "bad eval", "a" * 64, "2026-01-01T00:00:00.000000Z")
+    data = tomb.to_bytes()
+    assert Tombstone.from_bytes(data, where="t") == tomb
+    assert Tombstone.from_bytes(Tombstone("arc", "v1", "x").to_bytes(), where="t").manifest_sha256 is None
+    for i in range(len(data)):  # every flipped byte is detected
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        with pytest.raises(StoreError):
+            Tombstone.from_bytes(bytes(bad), where="t")
+    body = json.loads(data)
+    for field, value in (("version", "../x"), ("reason", 5), ("manifest_sha256", 1), ("kind", "manifest")):
+        obj = {**body, field: value}
+        with pytest.raises(StoreError):
+            Tombstone.from_bytes(seal(obj, "tombstone_sha256"), where="t")
+    with pytest.raises(IntegrityError):  # a promotion record is not a tombstone
+        Tombstone.from_bytes(PromotionRecord("arc", "v1", 1, "x", "a" * 64).to_bytes(), where="t")

@@ -286,9 +286,81 @@ class RateLimiter:
                     tenant.rate.requests_per_second, tenant.rate.burst, self.clock)
             wait = bucket.take()
         if wait > 0:
-            retry = max(1, math.ceil(wait))
-            who = "this server (auth disabled: one limit for all clients)" if tenant.name == ANONYMOUS else "this API key"
-            raise ApiError(429, "rate_limited",
-                           f"rate limit exceeded for {who} ({tenant.rate.requests_per_second:g} requests/s, "
-                           f"burst {tenant.rate.burst}); retry after {retry} s",
-                           None, headers={"Retry-After": str(retry)})
+            raise rate_limited(tenant, wait)
+
+
+# ------------------------------------------------------------------------------------------- cluster-wide
+RATE_LIMIT_ACTOR = "svd-ray-rate-limits"
+
+
+class RateLimitLedger:
+    """The tenants' token buckets for the whole cluster, in one Ray actor (named ``RATE_LIMIT_ACTOR``,
+    detached, 0 CPUs) that every ingress replica asks before admitting a request — so a tenant's limit
+    holds however many ingress replicas there are. ``take`` is a few microseconds of work; the cost per
+    request is one actor round trip (~1 ms on one node)."""
+
+    def __init__(self):
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, tenant: str, rate: float, burst: int) -> float:
+        bucket = self._buckets.get(tenant)
+        if bucket is None or (bucket.rate, bucket.burst) != (float(rate), float(burst)):
+            bucket = self._buckets[tenant] = TokenBucket(rate, burst)
+        return bucket.take()
+
+    def ping(self) -> bool:
+        return True
+
+
+def rate_limited(tenant: Tenant, wait: float) -> ApiError:
+    retry = max(1, math.ceil(wait))
+    who = "this server (auth disabled: one limit for all clients)" if tenant.name == ANONYMOUS else "this API key"
+    return ApiError(429, "rate_limited",
+                    f"rate limit exceeded for {who} ({tenant.rate.requests_per_second:g} requests/s, "
+                    f"burst {tenant.rate.burst}); retry after {retry} s",
+                    None, headers={"Retry-After": str(retry)})
+
+
+class ClusterRateLimiter:
+    """Per-tenant limits shared by every ingress replica through the ``RateLimitLedger`` actor.
+
+    When the ledger cannot be reached (not created yet, its node died, or it does not answer within
+    ``timeout_s``) the replica falls back to its own per-replica buckets at the tenant's full rate — it
+    fails open to the old per-replica behaviour rather than refusing traffic, counts ``fallbacks`` (exported
+    as ``svd_ray_rate_limit_fallback_total``), and tries the ledger again after ``retry_s``."""
+
+    def __init__(self, namespace: str | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
+                 clock=time.monotonic):
+        self.local = RateLimiter(clock)
+        self.namespace, self.timeout_s, self.retry_s, self.clock = namespace, timeout_s, retry_s, clock
+        self._actor = None
+        self._down_until = 0.0
+        self.fallbacks = 0
+
+    def _ledger(self):
+        import ray
+
+        if self._actor is None:
+            opts = dict(name=RATE_LIMIT_ACTOR, lifetime="detached", get_if_exists=True, num_cpus=0,
+                        max_restarts=-1)
+            if self.namespace is not None:
+                opts["namespace"] = self.namespace
+            self._actor = ray.remote(RateLimitLedger).options(**opts).remote()
+        return self._actor
+
+    async def check(self, tenant: Tenant) -> None:
+        import asyncio
+
+        if self.clock() >= self._down_until:
+            try:
+                ref = self._ledger().take.remote(tenant.name, tenant.rate.requests_per_second, tenant.rate.burst)
+                wait = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.timeout_s)
+            except Exception:  # noqa: BLE001 — unreachable ledger: documented fallback below
+                self._actor = None
+                self._down_until = self.clock() + self.retry_s
+            else:
+                if wait > 0:
+                    raise rate_limited(tenant, wait)
+                return
+        self.fallbacks += 1
+        self.local.check(tenant)

@@ -329,7 +329,7 @@ class ClusterRateLimiter:
     fails open to the old per-replica behaviour rather than refusing traffic, counts ``fallbacks`` (exported
     as ``svd_ray_rate_limit_fallback_total``), and tries the ledger again after ``retry_s``."""
 
-    def __init__(self, namespace: str | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
+    def __init__(self, namespace: str | None = None, timeout_s: float = 2.0, retry_s: float = 5.0,
                  clock=time.monotonic):
         self.local = RateLimiter(clock)
         self.namespace, self.timeout_s, self.retry_s, self.clock = namespace, timeout_s, retry_s, clock

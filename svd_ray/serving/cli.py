@@ -3,8 +3,11 @@
 ``svd-ray serve --config serve_configs/local.yaml`` does what ``serve run serve_configs/local.yaml``
 does (same file, same builder, same ``deploy_apps`` call), but starts a private local Ray with the
 settings this project needs (Ray token auth off for the 127.0.0.1-only cluster, no usage stats),
-waits until the application is RUNNING, prints its URL and blocks until Ctrl-C, then shuts down
-Serve and the Ray it started. ``--address`` deploys to a running cluster instead (and leaves it up).
+waits until the application is RUNNING, prints its URL and blocks until Ctrl-C or SIGTERM. Then it
+shuts down Serve and the Ray it started — every process below it, including the raylet's agents that
+``ray.shutdown`` alone leaves running for about a minute — removes the temp dir it created (with
+``--temp-dir DIR`` of an existing DIR: only its Ray session inside it; after a failure the logs are
+kept) and exits 0. ``--address`` deploys to a running cluster instead (and leaves it up).
 """
 from __future__ import annotations
 
@@ -127,8 +130,102 @@ def _wait_running(names: list[str], timeout: float) -> None:
         time.sleep(1.0)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopSignals:
+    """SIGINT and SIGTERM stop the command: the first one raises ``KeyboardInterrupt`` in the main thread;
+    later ones (while stopping) are only acknowledged, so the cleanup always runs to its end."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def __call__(self, signum, frame):
+        if self.stopping:
+            print("svd-ray serve: still stopping (Serve, then Ray)...", file=sys.stderr, flush=True)
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        # also after ``ray.init``: Ray's core worker installs a C++ failure-signal handler for SIGTERM in the
+        # driver (it prints a stack dump and exits with status 15); ours must be the one that runs
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+def _descendants() -> list:
+    """Every process below this one now (``psutil.Process`` objects; empty if psutil is missing)."""
+    try:
+        import psutil
+
+        return psutil.Process().children(recursive=True)
+    except Exception:
+        return []
+
+
+def _reap(procs: list, grace_s: float = 5.0) -> list:
+    """Wait for ``procs`` to exit; SIGTERM, then SIGKILL whatever is left. Returns the pids that survived.
+
+    ``ray.shutdown`` stops the processes it started (gcs, raylet, dashboard, monitors) but kills the raylet
+    with SIGKILL after 1 s, which orphans its agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and
+    workers: they would linger until they notice (about a minute) and keep files open in the temp dir.
+    """
+    if not procs:
+        return []
+    import psutil
+
+    def alive(ps):
+        out = []
+        for q in ps:
+            try:
+                if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                    out.append(q)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    _, left = psutil.wait_procs(alive(procs), timeout=grace_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = alive(left)
+        if not left:
+            return []
+        for q in left:
+            try:
+                q.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, left = psutil.wait_procs(left, timeout=grace_s)
+    return [q.pid for q in alive(left)]
+
+
+def _session_dir() -> str | None:
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:
+        return None
+
+
+def _remove_owned(temp_dir: str | None, created: bool, session_dir: str | None) -> None:
+    """Remove what this command created: the whole temp dir if it made it, else only its Ray session(s)
+    (``session_<time>_<pid of this process>``, also when a signal came before ``ray.init`` returned)."""
+    if not temp_dir:
+        return
+    if created:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        return
+    root = Path(temp_dir)
+    ours = set(root.glob(f"session_*_{os.getpid()}"))
+    if session_dir and Path(session_dir).parent.resolve() == root.resolve():
+        ours.add(Path(session_dir))
+    latest = root / "session_latest"
+    try:
+        if latest.is_symlink() and Path(os.readlink(latest)).resolve() in {d.resolve() for d in ours}:
+            latest.unlink()
+    except OSError:
+        pass
+    for d in ours:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_serve(args) -> int:
@@ -140,8 +237,12 @@ def run_serve(args) -> int:
     if args.no_block and local:
         raise ValueError("--no-block needs --address (a private local Ray stops when this command exits)")
     if local:
+        from svd_ray.serving import proxy_hook
+
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private 127.0.0.1 cluster; the API has its own keys
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # the 400s the proxy's uvicorn answers itself (unparsable requests) in the service's JSON error shape
+        os.environ.setdefault(proxy_hook.ENV_VAR, proxy_hook.IMPORT_PATH)
 
     import ray
     from ray import serve
@@ -151,20 +252,25 @@ def run_serve(args) -> int:
 
     schema = ServeDeploySchema.model_validate(config)
     init_kwargs = {"namespace": "serve", "log_to_driver": True}
-    made_temp = None
+    temp_dir, created_temp = None, False
     if local:
         temp_dir = args.temp_dir
         if temp_dir is None:  # short path: Ray's socket paths have a length limit
-            temp_dir = made_temp = tempfile.mkdtemp(prefix="svd-ray-serve-", dir="/tmp")
+            temp_dir, created_temp = tempfile.mkdtemp(prefix="svd-ray-serve-", dir="/tmp"), True
+        else:
+            temp_dir = os.path.abspath(temp_dir)
+            created_temp = not os.path.exists(temp_dir)
         init_kwargs.update(include_dashboard=args.dashboard, num_cpus=args.num_cpus, _temp_dir=temp_dir)
         if args.dashboard:
             init_kwargs["dashboard_host"] = "127.0.0.1"
     # Ctrl-C (even when started from a script that ignores SIGINT) and SIGTERM both stop cleanly
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    ray.init(address=args.address, **init_kwargs)
-    clean = False
+    stop = _StopSignals()
+    stop.install()
+    clean, started, session_dir = False, [], None
     try:
+        ray.init(address=args.address, **init_kwargs)
+        stop.install()
+        session_dir = _session_dir() if local else None
         client = serve_api.serve_start(
             http_options=schema.http_options.model_dump(),
             proxy_location=schema.proxy_location,
@@ -183,15 +289,26 @@ def run_serve(args) -> int:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print("stopping...", file=sys.stderr)
+        print("svd-ray serve: stopping...", file=sys.stderr, flush=True)
         clean = True
         return 0
     finally:
-        if local or not args.no_block:
+        stop.stopping = True  # from here on a signal does not interrupt the cleanup
+        if local:
+            started = _descendants()
+        if ray.is_initialized() and (local or not args.no_block):
             try:
                 serve.shutdown()
             except Exception:
                 pass
+        if local:
+            seen = {q.pid for q in started}
+            started += [q for q in _descendants() if q.pid not in seen]
         ray.shutdown()
-        if made_temp and clean:  # keep Ray's logs after a failure
-            shutil.rmtree(made_temp, ignore_errors=True)
+        left = _reap(started) if local else []
+        if left:
+            print(f"svd-ray serve: processes {left} did not exit", file=sys.stderr)
+        if clean:
+            _remove_owned(temp_dir, created_temp, session_dir)
+        elif temp_dir:  # keep Ray's logs after a failure
+            print(f"svd-ray serve: Ray's logs are in {session_dir or temp_dir}", file=sys.stderr)

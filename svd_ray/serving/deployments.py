@@ -224,6 +224,20 @@ class TaskModels:
     async def stats(self) -> dict:
         return self.pool.stats()
 
+    def record_routing_stats(self) -> dict:
+        """This replica's engine load (Serve's per-replica routing-stats hook; Serve polls it, and it can be
+        read per replica with ``ray.get_actor(<replica actor>).record_routing_stats.remote()``): requests
+        admitted / queued, rows decoding, counters of the work done (tokens, forwards, cancellations) summed
+        over the replica's engines, and its pid (for memory sampling)."""
+        out = {"pid": os.getpid(), "engines": 0}
+        for snap in self.pool.stats().get("engines", {}).values():
+            out["engines"] += 1
+            for key in ("active_requests", "queued", "running_rows", "reserved_kv_tokens", "tokens_out",
+                        "decode_steps", "prefill_forwards", "score_forwards", "requests_done", "cancelled",
+                        "deadline_exceeded"):
+                out[key] = out.get(key, 0) + int(snap.get(key, 0) or 0)
+        return out
+
     def check_health(self) -> None:
         if not self._refresher.is_alive():
             raise RuntimeError("refresh thread died")
@@ -292,6 +306,10 @@ class ServeBackend:
         if self.metrics is not None:
             self.metrics.model_errors.labels(kind, self.metrics.replica).inc()
 
+    def _count_retry(self) -> None:
+        if self.metrics is not None:
+            self.metrics.retries.labels(self.metrics.replica).inc()
+
     async def call(self, method: str, task: str, payload: dict) -> dict:
         import ray.exceptions as rex
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -314,8 +332,7 @@ class ServeBackend:
                 self._count("replica_failure")
                 if attempt < self.retries:
                     attempt += 1
-                    if self.metrics is not None:
-                        self.metrics.retries.labels(self.metrics.replica).inc()
+                    self._count_retry()
                     log.warning("model replica failed (%s); retrying %s for task %s", type(exc).__name__, method, task)
                     continue
                 raise ApiError(503, "unavailable", "the model replica failed; retry the request",
@@ -366,11 +383,14 @@ class _Stream:
             except BackPressureError:
                 raise ApiError(503, "overloaded", "the model deployment is overloaded; retry later",
                                headers={"Retry-After": "2"}) from None
-            except (rex.RayActorError, ReplicaUnavailableError, DeploymentUnavailableError):
+            except (rex.RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
                 self.backend._count("replica_failure")
-                if not self.started and self.attempt < self.backend.retries:
+                if not self.started and self.attempt < self.backend.retries:  # nothing sent yet: safe to retry
                     self.attempt += 1
                     self.gen = None
+                    self.backend._count_retry()
+                    log.warning("model replica failed (%s); retrying a stream for task %s", type(exc).__name__,
+                                self.task)
                     continue
                 raise ApiError(503, "unavailable", "the model replica failed; retry the request",
                                headers={"Retry-After": "2"}) from None

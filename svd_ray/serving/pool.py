@@ -57,6 +57,7 @@ class BaseEntry:
     tokenizer_lock: object = field(default_factory=threading.Lock)
     pending: int = 0  # task loads in progress on this base
     last_used: float = 0.0
+    dropped: bool = False  # released from the pool: its engine is stopping, with every adapter on it
 
 
 @dataclass
@@ -284,8 +285,10 @@ class ModelPool:
         return Engine(AdapterBank(base.model), base.tokenizer, cfg, tokenizer_lock=base.tokenizer_lock).start()
 
     def _release(self, lt: LoadedTask) -> None:
-        """The task version left the pool: retire its adapter (requests already holding it finish first)."""
-        if lt.adapter is not None and lt.base is not None and lt.base.engine is not None:
+        """The task version left the pool: retire its adapter (requests already holding it finish first).
+        Not when its base was dropped: that engine is stopping (nothing would run the retirement, and the
+        call would wait for an engine thread that is gone)."""
+        if lt.adapter is not None and lt.base is not None and lt.base.engine is not None and not lt.base.dropped:
             try:
                 lt.base.engine.remove_adapter(lt.adapter)
             except Exception:
@@ -414,6 +417,7 @@ class ModelPool:
         for b in sorted(self._bases.values(), key=lambda b: b.last_used):
             if b.id not in used and b.pending == 0 and self._over_budget():
                 del self._bases[b.id]
+                b.dropped = True
                 if b.engine is not None:  # stopping joins its thread: not under the pool lock
                     threading.Thread(target=b.engine.stop, name="svd-engine-stop", daemon=True).start()
                 log.info("released base model %s", b.id)

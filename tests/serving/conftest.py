@@ -39,15 +39,20 @@ def store(bundles):
     return open_store(bundles["store"], cache_dir=bundles["root"] / "test-cache")
 
 
+ENGINE_MAX_KV_TOKENS = 4096
+
+
 def app_args(bundles, tenants_file: Path, **over) -> dict:
     args = {
         "store": bundles["store"],
         "cache_dir": str(bundles["root"] / "replica-cache"),
         "base_models": [bundles["base"]],
         "auth": {"mode": "keys", "tenants_file": str(tenants_file)},
-        "limits": {"max_body_bytes": 16384, "max_prompts": 4, "max_new_tokens": 64, "max_beams": 3,
-                   "max_choices": 6, "max_prompt_chars": 4000, "max_prompt_tokens": 2048},
+        "limits": {"max_body_bytes": 16384, "max_prompts": 4, "max_new_tokens": 256, "max_beams": 3,
+                   "max_choices": 6, "max_prompt_chars": 4000, "max_prompt_tokens": 512},
         "pool": {"max_tasks": 4, "max_bytes": "1GiB", "refresh_s": 1.0, "device": "cpu"},
+        # the KV budget is what a long /score request runs into (tests of the memory bound); the rest: defaults
+        "engine": {"max_kv_tokens": ENGINE_MAX_KV_TOKENS},
         "request_timeout_s": 60,
         "retries": 1,
         "listing_ttl_s": 1.0,
@@ -75,11 +80,11 @@ def serve_app(bundles):
              _temp_dir=temp_dir, namespace="serve")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = make_app(app_args(bundles, tenants), model_options={"num_replicas": 2},
-                       ingress_options={"num_replicas": 1})
+        args = app_args(bundles, tenants)
+        app = make_app(args, model_options={"num_replicas": 2}, ingress_options={"num_replicas": 1})
         serve.run(app, name="svd-ray", route_prefix="/")
         print(f"\n[serve_app] ready in {time.perf_counter() - t0:.1f}s on port {port}")
-        yield {"url": f"http://127.0.0.1:{port}", "bundles": bundles, "tenants": tenants}
+        yield {"url": f"http://127.0.0.1:{port}", "bundles": bundles, "tenants": tenants, "args": args}
     finally:
         try:
             serve.shutdown()

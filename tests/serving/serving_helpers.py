@@ -33,7 +33,9 @@ def free_port() -> int:
     return port
 
 
-def make_sharp_base(out: Path, scale: float = 8.0) -> str:
+def make_sharp_base(out: Path, scale: float = 8.0, context: int = 4096) -> str:
+    """``tiny-llama`` with embeddings × ``scale`` and a ``context`` of 4096 positions (RoPE, no learned
+    positions: only the limit changes), so that requests can be long enough to test the server's budgets."""
     from svd_ray.models import load_base_model, load_tokenizer, resolve_model
 
     if (out / "config.json").exists():
@@ -43,6 +45,7 @@ def make_sharp_base(out: Path, scale: float = 8.0) -> str:
     tok = load_tokenizer(ref)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(scale)
+    model.config.max_position_embeddings = context
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

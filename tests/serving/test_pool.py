@@ -132,7 +132,7 @@ def test_stream_cancel_stops_early(shared_pool):
 def test_input_errors_name_the_field(shared_pool):
     lt = shared_pool.acquire("t-ptv2")
     with pytest.raises(InputError) as e:
-        run_generate(lt, gen_req("t-ptv2", prompts=["word " * 600], n=4))
+        run_generate(lt, gen_req("t-ptv2", prompts=["word " * 1100], n=4))  # > max_prompt_tokens (1024)
     assert e.value.field == "body.prompt" and e.value.status == 422
     with pytest.raises(InputError) as e:
         run_generate(lt, gen_req("t-ptv2", prompts=["ok", "word " * 600], n=4), max_prompt_tokens=100)

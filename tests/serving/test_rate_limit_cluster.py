@@ -40,8 +40,9 @@ def _admitted(limiters, tenant, n):
 
 def test_two_ingress_replicas_share_one_limit(ray_local):
     tenant = Tenant("acme", None, RateLimit(requests_per_second=0.01, burst=5))
-    replicas = [ClusterRateLimiter(namespace=NS), ClusterRateLimiter(namespace=NS)]
+    replicas = [ClusterRateLimiter(namespace=NS, timeout_s=60), ClusterRateLimiter(namespace=NS, timeout_s=60)]
     ok, refused = _admitted(replicas, tenant, 20)
+    assert [r.fallbacks for r in replicas] == [0, 0]  # every decision came from the shared ledger
     assert ok == 5, ok  # per-replica buckets would have let 10 through
     assert all(r.status == 429 and int(r.headers["Retry-After"]) >= 1 and "this API key" in r.message for r in refused)
     assert [r.fallbacks for r in replicas] == [0, 0]
@@ -60,7 +61,7 @@ def test_two_ingress_replicas_share_one_limit(ray_local):
 def test_unreachable_ledger_falls_back_to_per_replica_buckets(ray_local):
     ray = ray_local
     tenant = Tenant("beta", None, RateLimit(requests_per_second=0.01, burst=3))
-    replica = ClusterRateLimiter(namespace=NS, retry_s=60)
+    replica = ClusterRateLimiter(namespace=NS, timeout_s=60, retry_s=600)
     assert _admitted([replica], tenant, 1)[0] == 1  # the ledger exists and answers
     ray.kill(ray.get_actor(RATE_LIMIT_ACTOR, namespace=NS), no_restart=True)
     ok, refused = _admitted([replica], tenant, 6)

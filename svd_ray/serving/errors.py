@@ -6,12 +6,15 @@ class PoolError(Exception):
     status = 500
     type = "internal_error"
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
-        self.message, self.field = message, field
+        self.message, self.field, self.retry_after_s = message, field, retry_after_s
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "type": self.type, "message": self.message, "field": self.field}
+        out = {"status": self.status, "type": self.type, "message": self.message, "field": self.field}
+        if self.retry_after_s is not None:  # the ingress turns it into a Retry-After header
+            out["retry_after_s"] = self.retry_after_s
+        return out
 
 
 class TaskNotFound(PoolError):

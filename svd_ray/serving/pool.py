@@ -37,7 +37,10 @@ from typing import Callable
 import torch
 
 from svd_ray.serving.errors import PoolError, TaskNotFound, TaskUnavailable
-from svd_ray.store import IntegrityError, InvalidNameError, MismatchError, NotFoundError, StoreError
+
+REFRESH_BACKOFF_MAX_S = 300.0  # longest wait between version checks while the store keeps failing
+from svd_ray.store import (IntegrityError, InvalidNameError, MismatchError, NotFoundError, StoreError,
+                           StoreUnavailable)
 
 log = logging.getLogger("svd_ray.serving.pool")
 
@@ -155,7 +158,8 @@ class ModelPool:
         self._bases: dict[str, BaseEntry] = {}
         self._inflight: dict[tuple, Future] = {}
         self._fingerprints: dict[str, dict] = {}
-        self.counters = {"loads": 0, "evictions": 0, "refreshes": 0, "load_failures": 0}
+        self.counters = {"loads": 0, "evictions": 0, "refreshes": 0, "load_failures": 0, "refresh_failures": 0}
+        self._refresh_delay: dict[str, float] = {}  # task → current back-off while refreshing it fails
 
     # ------------------------------------------------------------------ queries
     def get(self, task: str) -> LoadedTask | None:
@@ -195,6 +199,10 @@ class ModelPool:
             return promoted if promoted is not None else self.store.resolve(task, "latest")
         except (NotFoundError, InvalidNameError):
             raise TaskNotFound(f"task {task!r} not found") from None
+        except StoreUnavailable as exc:
+            log.warning("store unavailable resolving %s: %s", task, exc)
+            raise TaskUnavailable(f"task {task!r} is not loaded and the model store is unreachable; retry later",
+                                  retry_after_s=exc.retry_after_s) from None
         except StoreError as exc:
             log.error("store error resolving %s: %s", task, exc)
             raise TaskUnavailable(f"task {task!r} is temporarily unavailable (store error)") from None
@@ -327,6 +335,11 @@ class ModelPool:
             self.counters["load_failures"] += 1
             log.error("task %s@%s failed verification: %s", task, version, exc)
             raise TaskUnavailable(f"task {task!r} is unavailable: its bundle failed verification") from None
+        except StoreUnavailable as exc:
+            self.counters["load_failures"] += 1
+            log.warning("store unavailable loading %s@%s: %s", task, version, exc)
+            raise TaskUnavailable(f"task {task!r} is not loaded and the model store is unreachable; retry later",
+                                  retry_after_s=exc.retry_after_s) from None
         except StoreError as exc:
             self.counters["load_failures"] += 1
             log.error("store error loading %s@%s: %s", task, version, exc)
@@ -468,8 +481,16 @@ class ModelPool:
             self.evict(task)
             return None
         except PoolError as exc:
-            log.warning("refresh of %s failed (keeping %s): %s", task, lt.version, exc.message)
+            # back off (doubling, at most REFRESH_BACKOFF_MAX_S) while the store fails; keep serving lt
+            with self._lock:
+                delay = min(2 * self._refresh_delay.get(task, self.refresh_s / 2), REFRESH_BACKOFF_MAX_S)
+                self._refresh_delay[task] = delay
+                lt.checked_at = self.clock() + delay - self.refresh_s
+            self.counters["refresh_failures"] += 1
+            log.warning("refresh of %s failed (keeping %s; next try in %.0f s): %s", task, lt.version, delay,
+                        exc.message)
             return None
+        self._refresh_delay.pop(task, None)  # the store answered: back to the normal period
         if version == lt.version:
             return None
         try:

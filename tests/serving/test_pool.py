@@ -228,3 +228,73 @@ def test_adapters_that_would_write_the_shared_base_are_refused(tmp_path, cfg, ba
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     assert bool(_shared_base_hazard(tmp_path)) is bad
+
+
+class _Outage:
+    """Wraps a real store; while ``down`` every call raises StoreUnavailable (what an S3 outage raises)."""
+
+    def __init__(self, store):
+        self.store, self.down, self.calls_while_down = store, False, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **kw):
+            from svd_ray.store import StoreUnavailable
+
+            if self.down:
+                self.calls_while_down += 1
+                raise StoreUnavailable("storage unreachable (test outage)", retry_after_s=7)
+            return attr(*a, **kw)
+
+        return call
+
+
+def test_store_outage_loaded_tasks_keep_serving_others_get_503_refresh_backs_off(tmp_path, bundles):
+    from svd_ray.store import open_store
+
+    uri = (tmp_path / "store").as_uri()
+    first = publish_task(uri, "t-up", "lora", bundles["base"], seed=5)
+    publish_task(uri, "t-cold", "lora", bundles["base"], seed=6)
+    outage = _Outage(open_store(uri, cache_dir=tmp_path / "cache"))
+    pool = make_pool(outage, bundles, refresh_s=10.0)
+    clock = [1000.0]
+    pool.clock = lambda: clock[0]
+    pool.acquire("t-up")
+    outage.down = True
+    # a loaded task keeps serving
+    lt = pool.acquire("t-up")
+    assert run_generate(lt, gen_req("t-up", n=2))["version"] == first.version
+    # a task not loaded yet: 503 with the store's Retry-After
+    with pytest.raises(TaskUnavailable) as err:
+        pool.acquire("t-cold")
+    assert err.value.status == 503 and err.value.to_dict()["retry_after_s"] == 7
+    assert "unreachable" in err.value.message
+    # refresh backs off: 10 s, 20 s, 40 s … between tries (capped), and keeps the loaded version
+    waits = []
+    for _ in range(4):
+        clock[0] += 1e4  # far past any delay: due now
+        assert pool.due_for_refresh() == ["t-up"]
+        pool.refresh("t-up")
+        due_at = pool.get("t-up").checked_at + pool.refresh_s
+        waits.append(round(due_at - clock[0]))
+    assert waits == [10, 20, 40, 80] and pool.get("t-up").version == first.version
+    clock[0] += 5
+    assert pool.due_for_refresh() == []  # backing off: not due 5 s later
+    # storage returns: the next refresh succeeds by itself and picks up a newer version
+    outage.down = False
+    second = publish_task(uri, "t-up", "lora", bundles["base"], seed=7)
+    clock[0] += 1e4
+    assert pool.refresh("t-up") == second.version and pool.acquire("t-cold").task == "t-cold"
+    assert pool._refresh_delay == {}
+
+
+def test_unavailable_errors_carry_retry_after_to_the_http_response():
+    """The replica's error dict → the ingress's ApiError → a 503 with ``Retry-After`` (seconds, ≥ 1)."""
+    from svd_ray.serving.schemas import ApiError
+
+    err = ApiError.from_dict(TaskUnavailable("store down", retry_after_s=7).to_dict())
+    assert err.status == 503 and err.headers["Retry-After"] == "7" and "retry_after_s" not in err.body()["error"]
+    assert not ApiError.from_dict(TaskUnavailable("busy").to_dict()).headers

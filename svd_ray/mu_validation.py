@@ -51,6 +51,33 @@ def fold_of(tokens: torch.Tensor) -> int:
     return zlib.crc32(data) % FOLDS
 
 
+SUPPORT_DENSE_MAX = 4096  # widest δ support handled by the support-only formula (else full-vocabulary softmax)
+
+
+def grid_nll(z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, mus: torch.Tensor) -> torch.Tensor:
+    """−log softmax(z + μ·δ)[y] for every token (rows of z, δ: (T, V)) and every μ in ``mus`` → (T, G).
+
+    δ = δ⊙m is zero off its support S (the plausibility mask, usually a handful of tokens), so
+        log Σ_v e^{z_v + μδ_v} = logsumexp(log Σ_{v∉S} e^{z_v}, z_S + μ δ_S)
+    needs one full-vocabulary logsumexp per token and then only |S| terms per μ — instead of one
+    full-vocabulary softmax per μ. Exact; falls back to the direct form when S is very wide (α ≈ 0)."""
+    mus = mus.to(z.dtype)
+    support = delta != 0
+    width = int(support.sum(-1).max()) if z.shape[0] else 0
+    z_y, d_y = z.gather(-1, y[:, None]), delta.gather(-1, y[:, None])  # (T, 1)
+    if width > SUPPORT_DENSE_MAX:
+        return torch.stack([-torch.log_softmax(z + mu * delta, dim=-1).gather(-1, y[:, None]).squeeze(-1)
+                            for mu in mus.tolist()], dim=1)
+    outside = torch.logsumexp(z.masked_fill(support, float("-inf")), dim=-1)  # (T,)
+    idx = torch.argsort(support.to(torch.uint8), dim=-1, descending=True, stable=True)[:, :width]  # S first
+    in_s = support.gather(-1, idx)
+    z_s = z.gather(-1, idx).masked_fill(~in_s, float("-inf"))  # (T, W)
+    d_s = delta.gather(-1, idx).masked_fill(~in_s, 0.0)
+    terms = z_s[:, None, :] + mus[None, :, None] * d_s[:, None, :]  # (T, G, W)
+    terms = torch.cat([outside[:, None, None].expand(-1, mus.numel(), 1), terms], dim=-1)
+    return torch.logsumexp(terms, dim=-1) - (z_y + mus[None, :] * d_y)
+
+
 @dataclass
 class MuValidation:
     """Per-fold sums of the steered NLL on the μ grid, and per-fold token counts."""
@@ -85,9 +112,7 @@ class MuValidation:
         delta = masked_steering_vector(adapted_logits, base_logits, alpha)[valid].double()
         y = labels[valid].long()
         fold = folds.to(labels.device)[:, None].expand_as(labels)[valid].cpu()
-        for g, mu in enumerate(self.grid.tolist()):
-            logp = torch.log_softmax(z + mu * delta, dim=-1).gather(-1, y[:, None]).squeeze(-1)
-            self.nll[:, g].index_add_(0, fold, (-logp).cpu())
+        self.nll.index_add_(0, fold, grid_nll(z, delta, y, self.grid.to(z.device)).cpu())
         self.tokens.index_add_(0, fold, torch.ones(fold.numel(), dtype=torch.float64))
         inside = plausibility_mask(adapted_logits, alpha)[valid].cpu()
         zc = z.cpu()

@@ -201,3 +201,23 @@ def test_not_steering_falls_back_to_mask_only_when_the_masked_distribution_fits_
     acc2.add_logits(z2, t2, l2, folds=f2)
     sd2 = steering_from_accumulator(acc2, 0.1, "validated")
     assert sd2.validation["fallback"] == "off" and sd2.default_mode == "off"
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.1, 0.0])
+def test_support_only_grid_nll_equals_full_softmax(alpha, monkeypatch):
+    """The support-only formula (one full logsumexp per token) equals one full softmax per μ — including
+    tokens whose δ is zero everywhere (adapter = base) and gold tokens outside the mask — and so does the
+    wide-support fallback."""
+    import svd_ray.mu_validation as mv
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(9, 50, generator=g, dtype=torch.float64) * 3
+    theta = z + torch.randn(9, 50, generator=g, dtype=torch.float64)
+    theta[2] = z[2]  # δ = 0 on this row
+    delta = masked_steering_vector(z, theta, alpha)
+    y = torch.randint(0, 50, (9,), generator=g)
+    mus = torch.tensor(MU_GRID, dtype=torch.float64)
+    want = torch.stack([-torch.log_softmax(z + m * delta, -1).gather(-1, y[:, None]).squeeze(-1) for m in MU_GRID], 1)
+    torch.testing.assert_close(mv.grid_nll(z, delta, y, mus), want, rtol=1e-12, atol=1e-10)
+    monkeypatch.setattr(mv, "SUPPORT_DENSE_MAX", 0)
+    torch.testing.assert_close(mv.grid_nll(z, delta, y, mus), want, rtol=1e-12, atol=1e-10)

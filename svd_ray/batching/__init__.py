@@ -18,6 +18,7 @@ from svd_ray.batching.requests import (
     EngineStopped,
     Event,
     GenerateRequest,
+    InvalidRequest,
     RequestHandle,
     RequestTooLarge,
     ScoreRequest,
@@ -25,6 +26,6 @@ from svd_ray.batching.requests import (
 
 __all__ = [
     "Adapter", "AdapterBank", "Cancelled", "DeadlineExceeded", "Engine", "EngineConfig", "EngineError",
-    "EngineStopped", "Event", "FusedDual", "GenerateRequest", "RequestHandle", "RequestTooLarge", "ScoreRequest",
-    "UnsupportedAdapter",
+    "EngineStopped", "Event", "FusedDual", "GenerateRequest", "InvalidRequest", "RequestHandle", "RequestTooLarge",
+    "ScoreRequest", "UnsupportedAdapter",
 ]

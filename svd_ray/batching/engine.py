@@ -46,6 +46,7 @@ from svd_ray.batching.requests import (
     EngineStopped,
     Event,
     GenerateRequest,
+    InvalidRequest,
     RequestHandle,
     RequestTooLarge,
     ScoreRequest,
@@ -54,6 +55,7 @@ from svd_ray.batching.rows import RowBatch, RowSpec, extend, prefill, step
 from svd_ray.batching.text import TextTracker
 from svd_ray.decoding.generate import GenerationResult, iter_beam_search, sampling_logits
 from svd_ray.batching.scoring import ScoreJob, run_plans
+from svd_ray.decoding.scoring import steered_logprobs, top_logprobs
 from svd_ray.steering import form_steered_logits
 
 log = logging.getLogger("svd_ray.batching")
@@ -126,6 +128,9 @@ class _Seq:
         self.last_token: int | None = None
         self.finish_reason: str | None = None
         self.text = ""
+        # (token id, log p, top alternatives) of every chosen token when the request asked for logprobs
+        self.want_lp, self.outside = req.logprobs, req.outside_mask
+        self.lp: list[tuple[int, float, list]] = []
 
     def specs(self, tokens: list[int]) -> list[RowSpec]:
         return [RowSpec(self.slot, tokens)] + ([RowSpec(-1, tokens)] if self.paired else [])
@@ -215,6 +220,9 @@ class Engine:
             raise EngineStopped("the model replica is shutting down; retry the request")
         if request.adapter.slot not in self.bank.entries:
             raise EngineStopped("the task was unloaded; retry the request")
+        if isinstance(request, GenerateRequest) and request.gen.num_beams > 1 and (
+                request.copies > 1 or request.logprobs is not None):
+            raise InvalidRequest("beam search returns one sequence per prompt, without logprobs", "num_beams")
         rows, kv = self._cost(request)
         handle = RequestHandle(request, self.wake)
         with self._cv:
@@ -257,8 +265,9 @@ class Engine:
                                   "tokens", "max_new_tokens")
         rows, kv = request.rows(), request.kv_tokens()
         if rows > c.max_rows:
-            raise RequestTooLarge(f"the request needs {rows} decoding rows (prompts × beams × branches); the "
-                                  f"limit is {c.max_rows}", "prompt" if request.gen.num_beams == 1 else "num_beams")
+            field = "num_beams" if request.gen.num_beams > 1 else "n" if request.copies > 1 else "prompt"
+            raise RequestTooLarge(f"the request needs {rows} decoding rows (prompts × n × beams × branches); the "
+                                  f"limit is {c.max_rows}", field)
         if kv > c.max_kv_tokens:
             raise RequestTooLarge(f"the request reserves {kv} KV entries (rows × (prompt + max_new_tokens)); "
                                   f"the limit is {c.max_kv_tokens}", "max_new_tokens")
@@ -377,7 +386,8 @@ class Engine:
             gen = replace(req.gen, eos_token_ids=req.gen.eos_token_ids or self.eos_ids)
             w.job = self._beam_job(w, gen)
         else:
-            w.seqs = [_Seq(w, i, p, self._decode) for i, p in enumerate(req.prompts)]
+            c = max(1, req.copies)
+            w.seqs = [_Seq(w, i * c + j, p, self._decode) for i, p in enumerate(req.prompts) for j in range(c)]
             self._prefilling += w.seqs
 
     def _beam_job(self, w: _Work, gen):
@@ -611,7 +621,18 @@ class Engine:
                 tok = int(torch.multinomial(probs.cpu(), 1, generator=s.generator))
             else:
                 tok = greedy[i]
+            if s.want_lp is not None:
+                s.lp.append(self._logprob(s, z_on[i:i + 1], z_off[i:i + 1], tok))
             self._accept(s, tok)
+
+    @staticmethod
+    def _logprob(s: _Seq, z_on: torch.Tensor, z_off: torch.Tensor, tok: int) -> tuple[int, float, list]:
+        """log p̂ of the chosen token and the ``want_lp`` most likely ones: the same ẑ the token was chosen from
+        (``form_steered_logits``), normalised as the request's mask policy says (before temperature / top-k /
+        top-p, like OpenAI's logprobs)."""
+        logp, _ = steered_logprobs(z_on, z_off if s.steering.mode == "svdecode" else None, s.steering, s.outside)
+        row = logp[0]
+        return tok, float(row[tok]), (top_logprobs(row, s.want_lp) if s.want_lp > 0 else [])
 
     def _accept(self, s: _Seq, tok: int) -> None:
         h = s.work.handle
@@ -645,8 +666,11 @@ class Engine:
             self._finish(w, result=self._gen_result(w, results))
 
     def _gen_result(self, w: _Work, results: list[GenerationResult]) -> dict:
-        return {"results": results, "usage": {"prompt_tokens": sum(len(p) for p in w.req.prompts),
-                                              "completion_tokens": sum(len(r.token_ids) for r in results)}}
+        out = {"results": results, "usage": {"prompt_tokens": sum(len(p) for p in w.req.prompts),
+                                             "completion_tokens": sum(len(r.token_ids) for r in results)}}
+        if w.seqs and w.req.logprobs is not None:
+            out["logprobs"] = [s.lp for s in w.seqs]  # per prompt: every chosen token, EOS / stop token included
+        return out
 
     # ------------------------------------------------------------------ endings
     def _finish(self, w: _Work, *, result=None, error: EngineError | None = None) -> None:

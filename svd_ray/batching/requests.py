@@ -37,6 +37,10 @@ class RequestTooLarge(EngineError):
     status, type = 413, "request_too_large"
 
 
+class InvalidRequest(EngineError):
+    status, type = 422, "invalid_request"
+
+
 class Cancelled(EngineError):
     status, type = 499, "cancelled"
 
@@ -68,9 +72,19 @@ class GenerateRequest:
     steering: SteeringConfig
     tenant: str = "default"
     deadline: float | None = None  # time.monotonic() after which the work stops
+    # record the log-probability of every chosen token (EOS and a stop string's last token included) and the
+    # ``logprobs`` most likely alternatives, under the steered distribution with this mask policy
+    logprobs: int | None = None
+    outside_mask: str = "unmasked"
+    # each prompt is decoded this many times (OpenAI's ``n``): prompt i's copy j is sequence i·copies + j and,
+    # when sampling with a seed, uses seed + i·copies + j
+    copies: int = 1
+
+    def sequences(self) -> int:
+        return len(self.prompts) * max(1, self.copies)
 
     def rows(self) -> int:
-        return len(self.prompts) * max(1, self.gen.num_beams) * (2 if self.steering.needs_base else 1)
+        return self.sequences() * max(1, self.gen.num_beams) * (2 if self.steering.needs_base else 1)
 
     def kv_tokens(self) -> int:
         longest = max(len(p) for p in self.prompts)
@@ -86,6 +100,7 @@ class ScoreRequest:
     outside_mask: str = "unmasked"
     tenant: str = "default"
     deadline: float | None = None
+    top_logprobs: int = 0  # > 0: also keep this many most likely tokens at every scored position
 
     def branches(self) -> int:
         return 2  # scores always report the base log-likelihood too

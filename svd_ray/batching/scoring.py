@@ -57,7 +57,7 @@ class ScoreJob:
         self.gbatch: RowBatch | None = None
         self.gtokens = self.gvalid = None
         self.pos = 0  # positions of the current group already fed
-        self.tally = ChoiceTally(self.choices, self.steering, self.outside)
+        self.tally = ChoiceTally(self.choices, self.steering, self.outside, top_k=getattr(req, "top_logprobs", 0))
         self.done = False
         self.pending: Plan | None = None  # a plan made but not run (the merged forward was full)
 

@@ -38,11 +38,37 @@ class ChoiceScores:
     num_tokens: list[int]
     outside_mask_tokens: list[int]
     token_logprobs: list[list[float]] = field(default_factory=list, repr=False)
+    # per choice, per token: the ``top_logprobs`` most likely tokens of the same distribution, [(id, logprob)]
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = field(default=None, repr=False)
 
     def normalised(self, which: str = "steered") -> list[float]:
         """Softmax over choices of the summed log-likelihoods (probabilities that sum to 1)."""
         lls = torch.tensor(getattr(self, which), dtype=torch.float64)
         return torch.softmax(lls, 0).tolist()
+
+
+def steered_logprobs(
+    z_phi: torch.Tensor,
+    z_theta: torch.Tensor | None,
+    steering: SteeringConfig,
+    outside_mask: str = "unmasked",
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p̂ over the whole vocabulary (..., V) under the mask policy, and the plausibility mask (None for
+    ``off``, which has none). ``unmasked``: log_softmax(z_φ + μ·(δ ⊙ m)); ``floor``: the decoding distribution
+    log_softmax(ẑ) inside the mask and ``floor_logprob`` outside. Always finite."""
+    if outside_mask not in OUTSIDE_MASK_POLICIES:
+        raise ValueError(f"outside_mask must be one of {OUTSIDE_MASK_POLICIES}, got {outside_mask!r}")
+    z = z_phi.float()
+    if steering.mode == "off":
+        return torch.log_softmax(z, -1), None
+    steered = form_steered_logits(z, z_theta, mode=steering.mode, mu=steering.mu, alpha=steering.alpha,
+                                  mean_delta=steering.mean_delta, outside="mask" if outside_mask == "floor" else "keep")
+    inside = plausibility_mask(z, steering.alpha)
+    logp = torch.log_softmax(steered, -1)
+    if outside_mask == "floor":
+        logp = logp.masked_fill(~inside, floor_logprob)
+    return logp, inside
 
 
 def steered_token_logprobs(
@@ -54,19 +80,23 @@ def steered_token_logprobs(
     floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p̂(target) at each position (..., V) → (...), and a bool tensor 'target outside mask'."""
-    if outside_mask not in OUTSIDE_MASK_POLICIES:
-        raise ValueError(f"outside_mask must be one of {OUTSIDE_MASK_POLICIES}, got {outside_mask!r}")
-    z = z_phi.float()
-    if steering.mode == "off":
-        logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
-        return logp, torch.zeros_like(targets, dtype=torch.bool)
-    steered = form_steered_logits(z, z_theta, mode=steering.mode, mu=steering.mu, alpha=steering.alpha,
-                                  mean_delta=steering.mean_delta, outside="mask" if outside_mask == "floor" else "keep")
-    outside = ~plausibility_mask(z, steering.alpha).gather(-1, targets[..., None]).squeeze(-1)
-    logp = torch.log_softmax(steered, -1).gather(-1, targets[..., None]).squeeze(-1)
-    if outside_mask == "floor":
-        logp = torch.where(outside, torch.full_like(logp, floor_logprob), logp)
-    return logp, outside
+    logp, inside = steered_logprobs(z_phi, z_theta, steering, outside_mask, floor_logprob)
+    lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    if inside is None:
+        return lp, torch.zeros_like(targets, dtype=torch.bool)
+    return lp, ~inside.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def top_logprobs(logp: torch.Tensor, k: int) -> list:
+    """The ``k`` most likely tokens of each row of ``logp`` (..., V) as nested lists of (id, logprob)."""
+    vals, ids = logp.topk(max(0, min(k, logp.shape[-1])), dim=-1)
+
+    def pairs(i: list, v: list) -> list:
+        if i and isinstance(i[0], list):
+            return [pairs(a, b) for a, b in zip(i, v)]
+        return list(zip(i, v))
+
+    return pairs(ids.tolist(), vals.tolist())
 
 
 def encode_choices(tokenizer, prompt: str, choices: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -235,17 +265,27 @@ class ChoiceTally:
     """Running per-choice sums of teacher-forced log-probabilities (steered, adapter, base), chunk by chunk."""
 
     def __init__(self, choice_ids: list[list[int]], steering: SteeringConfig, outside_mask: str = "unmasked",
-                 floor_logprob: float = DEFAULT_FLOOR_LOGPROB):
+                 floor_logprob: float = DEFAULT_FLOOR_LOGPROB, top_k: int = 0):
         n = len(choice_ids)
         self.num_tokens = [len(c) for c in choice_ids]
         self.steering, self.outside_mask, self.floor_logprob = steering, outside_mask, floor_logprob
         self.sums = {"steered": [0.0] * n, "adapter": [0.0] * n, "base": [0.0] * n}
         self.outside_counts = [0] * n
         self.token_lp: list[list[float]] = [[] for _ in range(n)]
+        self.top_k = int(top_k)  # > 0: also keep the top_k alternatives of every scored position
+        self.top_lp: list[list] | None = [[] for _ in range(n)] if self.top_k > 0 else None
 
     def add(self, idx: list[int], zp, zt, targets, valid) -> None:
         """Add the log-probs of ``targets`` (g, c) under logits (g, c, V) of choices ``idx`` (rows in order)."""
-        steered, outside = steered_token_logprobs(zp, zt, targets, self.steering, self.outside_mask, self.floor_logprob)
+        logp, inside = steered_logprobs(zp, zt, self.steering, self.outside_mask, self.floor_logprob)
+        steered = logp.gather(-1, targets[..., None]).squeeze(-1)
+        outside = (torch.zeros_like(targets, dtype=torch.bool) if inside is None
+                   else ~inside.gather(-1, targets[..., None]).squeeze(-1))
+        if self.top_lp is not None:
+            tops = top_logprobs(logp, self.top_k)
+            for r, i in enumerate(idx):
+                self.top_lp[i] += [t for t, v in zip(tops[r], valid[r].tolist()) if v]
+        del logp
         adapter = torch.log_softmax(zp.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
         base = None if zt is None else torch.log_softmax(zt.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
         for r, i in enumerate(idx):
@@ -260,7 +300,8 @@ class ChoiceTally:
     def result(self, with_base: bool = True) -> ChoiceScores:
         return ChoiceScores(steered=self.sums["steered"], adapter=self.sums["adapter"],
                             base=self.sums["base"] if with_base else None, num_tokens=self.num_tokens,
-                            outside_mask_tokens=self.outside_counts, token_logprobs=self.token_lp)
+                            outside_mask_tokens=self.outside_counts, token_logprobs=self.token_lp,
+                            top_logprobs=self.top_lp)
 
 
 def iter_choice_scores(

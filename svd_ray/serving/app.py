@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from svd_ray.serving.auth import Authenticator, AuthState, RateLimiter, Tenant
+from svd_ray.serving.auth import Authenticator, AuthState, ClusterRateLimiter, RateLimiter, Tenant
 from svd_ray.serving.metrics import Metrics, MetricsMiddleware
 from svd_ray.serving.schemas import (
     ApiError,
@@ -41,6 +41,7 @@ from svd_ray.serving.schemas import (
     ScoreRequest,
     ServeSettings,
     check_generate_limits,
+    check_openai_limits,
     check_score_limits,
     generation_payload,
     invalid,
@@ -84,7 +85,7 @@ class IngressService:
         self.settings = settings
         self.limits = settings.limits
         self.auth = Authenticator(auth)
-        self.limiter = RateLimiter()
+        self.limiter = ClusterRateLimiter() if settings.auth.rate_limit_scope == "cluster" else RateLimiter()
         self.backend = backend
         self.metrics = metrics or Metrics()
         self._store = store
@@ -159,14 +160,22 @@ class IngressService:
         return info
 
     # ------------------------------------------------------------------ request steps
-    def begin(self, request: Request) -> Tenant:
+    async def begin(self, request: Request) -> Tenant:
         try:
             tenant = self.auth.authenticate(request.headers.get("authorization"))
         except ApiError:
             self.metrics.auth_failures.labels(self.metrics.replica).inc()
             raise
         try:
-            self.limiter.check(tenant)
+            if isinstance(self.limiter, ClusterRateLimiter):
+                before = self.limiter.fallbacks
+                try:
+                    await self.limiter.check(tenant)
+                finally:
+                    if self.limiter.fallbacks > before:
+                        self.metrics.rate_limit_fallbacks.labels(self.metrics.replica).inc()
+            else:
+                self.limiter.check(tenant)
         except ApiError:
             self.metrics.rate_limited.labels(tenant.name, self.metrics.replica).inc()
             self.metrics.tenant_requests.labels(tenant.name, "rate_limited", self.metrics.replica).inc()
@@ -267,6 +276,7 @@ def create_app(svc: IngressService) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
     app.state.svc = svc
     limits = svc.limits
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -317,34 +327,34 @@ def create_app(svc: IngressService) -> FastAPI:
 
     @app.get("/v1/tasks")
     async def list_tasks(request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         tasks = await _visible(tenant)
         infos = await asyncio.gather(*(svc.task_info(t) for t in tasks))
         return {"object": "list", "data": list(infos)}
 
     @app.get("/v1/tasks/{task}")
     async def get_task(task: str, request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         await svc.check_task(tenant, task)
         return await svc.task_info(task)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         tasks = await _visible(tenant)
         infos = await asyncio.gather(*(svc.task_info(t) for t in tasks))
         return {"object": "list", "data": [_model_entry(t, i) for t, i in zip(tasks, infos)]}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str, request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         await svc.check_task(tenant, model_id)
         return _model_entry(model_id, await svc.task_info(model_id))
 
     # ------------------------------------------------------------------ generate
     @app.post("/v1/tasks/{task}/generate")
     async def generate(task: str, request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         req = parse_model(GenerateRequest, await svc.read_json(request))
         check_generate_limits(req.prompt, req.max_new_tokens, req.num_beams, req.stop, limits,
                               temperature=req.temperature, stream=req.stream)
@@ -370,7 +380,7 @@ def create_app(svc: IngressService) -> FastAPI:
     # ------------------------------------------------------------------ score
     @app.post("/v1/tasks/{task}/score")
     async def score(task: str, request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         req = parse_model(ScoreRequest, await svc.read_json(request))
         check_score_limits(req, limits)
         await svc.check_task(tenant, task)
@@ -383,15 +393,20 @@ def create_app(svc: IngressService) -> FastAPI:
     # ------------------------------------------------------------------ completions
     @app.post("/v1/completions")
     async def completions(request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         req = parse_model(CompletionRequest, await svc.read_json(request))
-        max_tokens = req.max_tokens or 16
-        check_generate_limits(req.prompt, max_tokens, 1, req.stop, limits, tokens_field="body.max_tokens")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        check_generate_limits([] if req.token_ids else req.prompt, max_tokens, 1, req.stop, limits,
+                              tokens_field="body.max_tokens")
+        if req.token_ids and len(req.prompt) > limits.max_prompts:
+            raise invalid("body.prompt", f"at most {limits.max_prompts} prompts per request")
+        check_openai_limits(req, limits, len(req.prompt))
         task = req.model
         await svc.check_task(tenant, task, field="body.model")
         payload = generation_payload(task, req.prompt, max_new_tokens=max_tokens, temperature=req.temperature,
                                      top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
-                                     steering=req.steering_dict(), tenant=tenant.name)
+                                     steering=req.steering_dict(), tenant=tenant.name, n=req.n,
+                                     logprobs=req.logprobs, echo=req.echo, outside_mask=req.outside_mask)
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
@@ -405,7 +420,8 @@ def create_app(svc: IngressService) -> FastAPI:
         return {
             "id": cid, "object": "text_completion", "created": created, "model": task,
             "system_fingerprint": out["version"],
-            "choices": [{"text": r["text"], "index": i, "logprobs": None, "finish_reason": _FINISH_OPENAI[r["finish_reason"]]}
+            "choices": [{"text": r.get("prompt_text", "") + r["text"], "index": i, "logprobs": r.get("logprobs"),
+                         "finish_reason": _FINISH_OPENAI[r["finish_reason"]]}
                         for i, r in enumerate(out["results"])],
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         }
@@ -413,11 +429,12 @@ def create_app(svc: IngressService) -> FastAPI:
     # ------------------------------------------------------------------ chat completions
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        tenant = svc.begin(request)
+        tenant = await svc.begin(request)
         req = parse_model(ChatCompletionRequest, await svc.read_json(request))
         max_tokens = req.new_tokens()
         field = "body.max_completion_tokens" if req.max_completion_tokens else "body.max_tokens"
         check_generate_limits([], max_tokens, 1, req.stop, limits, tokens_field=field)
+        check_openai_limits(req, limits, 1)
         if req.chars() > limits.max_prompt_chars:
             raise invalid("body.messages", f"messages total {req.chars()} characters; the limit is "
                                            f"{limits.max_prompt_chars}")
@@ -426,27 +443,74 @@ def create_app(svc: IngressService) -> FastAPI:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         payload = generation_payload(task, [], max_new_tokens=max_tokens, temperature=req.temperature,
                                      top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
-                                     steering=req.steering_dict(), tenant=tenant.name, messages=messages)
+                                     steering=req.steering_dict(), tenant=tenant.name, messages=messages, n=req.n)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             first, it = await svc.open_stream(task, payload)
-            return StreamingResponse(_openai_sse(svc, task, cid, created, first, it, include_usage, chat=True),
+            return StreamingResponse(_openai_sse(svc, task, cid, created, first, it, include_usage, chat=True, n=req.n),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         out = await svc.call_model("generate", task, payload)
         usage = out["usage"]
         svc.metrics.usage(task, out["steering"]["mode"], usage["prompt_tokens"], usage["completion_tokens"])
-        r = out["results"][0]
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": task,
             "system_fingerprint": out["version"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
-                         "finish_reason": _FINISH_OPENAI[r["finish_reason"]]}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                         "finish_reason": _FINISH_OPENAI[r["finish_reason"]]} for i, r in enumerate(out["results"])],
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         }
 
     return app
+
+
+# request bodies are parsed by hand (for the error format), so FastAPI cannot see their models: /openapi.json
+# gets them from here, and every error response is documented as the one error shape
+_BODY_MODELS = {
+    "/v1/tasks/{task}/generate": GenerateRequest,
+    "/v1/tasks/{task}/score": ScoreRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["type", "message", "field", "status"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"},
+                       "field": {"type": ["string", "null"]}, "status": {"type": "integer"},
+                       "errors": {"type": "array", "items": {"type": "object", "properties": {
+                           "field": {"type": "string"}, "message": {"type": "string"}}}}},
+    }},
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 shape: not ours
+        comps.pop(name, None)
+    comps["Error"] = _ERROR_SCHEMA
+    error = {"description": "error (see docs/SERVING.md §2)",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["4XX"] = error
+            model = _BODY_MODELS.get(path) if method == "post" else None
+            if model is not None:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(body.pop("$defs", {}))
+                comps[model.__name__] = body
+                op["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    app.openapi_schema = schema
+    return schema
 
 
 def _without_tenant_labels(body: bytes) -> bytes:
@@ -485,7 +549,7 @@ async def _native_sse(svc: IngressService, task: str, first: dict, it) -> AsyncI
 
 
 async def _openai_sse(svc: IngressService, task: str, cid: str, created: int, first: dict, it,
-                      include_usage: bool, chat: bool = False) -> AsyncIterator[bytes]:
+                      include_usage: bool, chat: bool = False, n: int = 1) -> AsyncIterator[bytes]:
     """OpenAI stream events (``data: {...}``) ending with ``data: [DONE]``: ``text_completion`` chunks, or
     with ``chat`` ``chat.completion.chunk`` deltas (a role delta first); a failure mid-way is
     ``data: {"error": ...}``."""
@@ -506,8 +570,9 @@ async def _openai_sse(svc: IngressService, task: str, cid: str, created: int, fi
         return {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
 
     if chat:
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        for i in range(n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
     async for ev in svc.events(it):
         name = ev.get("event")
         if name == "token":

@@ -353,6 +353,10 @@ class ClusterRateLimiter:
 
         if self.clock() >= self._down_until:
             try:
+                import ray
+
+                if not ray.is_initialized():  # an app outside Ray (tests): never start a Ray just for this
+                    raise RuntimeError("no Ray")
                 ref = self._ledger().take.remote(tenant.name, tenant.rate.requests_per_second, tenant.rate.burst)
                 wait = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.timeout_s)
             except Exception:  # noqa: BLE001 — unreachable ledger: documented fallback below

@@ -35,6 +35,9 @@ class Metrics:
         self.auth_failures = Counter("svd_ray_auth_failures", "Requests rejected with 401", ["replica"], registry=r)
         self.rate_limited = Counter("svd_ray_rate_limited", "Requests rejected with 429", ["tenant", "replica"],
                                     registry=r)
+        self.rate_limit_fallbacks = Counter("svd_ray_rate_limit_fallback",
+                                            "Rate-limit decisions taken by this replica's own buckets because the "
+                                            "cluster ledger was unreachable", ["replica"], registry=r)
         self.generated_tokens = Counter("svd_ray_generated_tokens", "Tokens generated", ["task", "steering", "replica"],
                                         registry=r)
         self.prompt_tokens = Counter("svd_ray_prompt_tokens", "Prompt tokens processed", ["task", "replica"],

@@ -48,8 +48,9 @@ class ApiError(Exception):
 
     @classmethod
     def from_dict(cls, err: dict) -> "ApiError":
+        retry = err.get("retry_after_s")  # e.g. a store outage: when to come back
         return cls(int(err.get("status", 500)), err.get("type", "internal_error"), err.get("message", "error"),
-                   err.get("field"))
+                   err.get("field"), headers={"Retry-After": str(max(1, int(retry)))} if retry else None)
 
 
 def invalid(field: str, message: str, status: int = 422) -> ApiError:
@@ -132,8 +133,13 @@ def _stop_list(v: Any) -> Any:
     return _str_or_list(v)
 
 
-Prompts = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_str_or_list), Field(min_length=1)]
-StopList = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_stop_list)]
+_NonEmpty = Annotated[str, Field(min_length=1)]
+_Texts = Annotated[list[_NonEmpty], Field(min_length=1)]
+# json_schema_input_type: the OpenAPI schema (/openapi.json) shows what is accepted, not the normalised form
+Prompts = Annotated[list[_NonEmpty], BeforeValidator(_str_or_list, json_schema_input_type=_NonEmpty | _Texts),
+                    Field(min_length=1)]
+StopList = Annotated[list[_NonEmpty],
+                     BeforeValidator(_stop_list, json_schema_input_type=_NonEmpty | list[_NonEmpty] | None)]
 
 
 class _Strict(BaseModel):
@@ -196,10 +202,26 @@ class ScoreRequest(_SteeringFields):
     outside_mask: Literal["unmasked", "floor"] = "unmasked"
 
 
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+
+
+def _is_id(x: Any) -> bool:
+    return type(x) is int and 0 <= x < 2**31
+
+
 def _openai_prompt(v: Any) -> Any:
-    if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
-        raise ValueError("token-id prompts are not supported; send a string or a list of strings")
-    return _str_or_list(v)
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids (as OpenAI accepts)."""
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v:
+        if all(isinstance(x, str) for x in v):
+            return v
+        if all(_is_id(x) for x in v):
+            return [v]
+        if all(isinstance(x, list) and x and all(_is_id(t) for t in x) for x in v):
+            return v
+    raise ValueError("must be a non-empty string, list of strings, list of token ids (integers ≥ 0) or list of "
+                     "non-empty lists of token ids")
 
 
 class _OpenAIFields(_SteeringFields):
@@ -210,7 +232,8 @@ class _OpenAIFields(_SteeringFields):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=128, description="choices per prompt (needs temperature > 0 when > 1; "
+                                                 "bounded by limits.max_n and limits.max_prompts)")
     stream: bool = False
     stream_options: dict[str, bool] | None = None
     stop: StopList = Field(default_factory=list)
@@ -236,15 +259,30 @@ class _OpenAIFields(_SteeringFields):
 
 
 class CompletionRequest(_OpenAIFields):
-    """OpenAI ``POST /v1/completions``."""
+    """OpenAI ``POST /v1/completions`` (legacy completions: token-id prompts, ``logprobs``, ``echo``)."""
 
-    prompt: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_openai_prompt), Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Annotated[list[_NonEmpty] | list[list[int]], BeforeValidator(
+        _openai_prompt,
+        json_schema_input_type=_NonEmpty | _Texts | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1)])]
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo (scoring the prompt)")
+    logprobs: int | None = Field(None, ge=0, le=100, description="top alternatives per token (≤ limits.max_logprobs)")
+    echo: bool = False
+    # SVDecode extension: how log-probs of tokens outside the plausibility mask are reported (as in /score)
+    outside_mask: Literal["unmasked", "floor"] = "unmasked"
     # accepted for compatibility, only at their neutral values
-    logprobs: None = None
-    echo: Literal[False] = False
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: None = None
+
+    @property
+    def token_ids(self) -> bool:
+        return bool(self.prompt) and isinstance(self.prompt[0], list)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info):
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of is supported only equal to n (each choice is one sample)")
+        return v
 
 
 class ChatMessage(_Strict):
@@ -309,6 +347,8 @@ class Limits(_Settings):
     max_choice_chars: int = Field(2000, gt=0)
     max_stop: int = Field(4, gt=0)
     max_stop_chars: int = Field(64, gt=0)
+    max_n: int = Field(4, gt=0)  # OpenAI n: choices per prompt (and prompts × n ≤ max_prompts)
+    max_logprobs: int = Field(5, ge=0)  # OpenAI logprobs: top alternatives per token (OpenAI's own cap is 5)
 
 
 class EngineSettings(_Settings):
@@ -348,6 +388,9 @@ class AuthSettings(_Settings):
     tenants_file: str | None = None  # default $SVD_RAY_TENANTS_FILE
     env_var: str = "SVD_RAY_API_KEYS"
     default_rate_limit: RateLimit = RateLimit()
+    # cluster: one bucket per tenant shared by every ingress replica (a Ray actor; falls back to per-replica
+    # buckets while it is unreachable); replica: each ingress replica has its own (N replicas → N× the rate)
+    rate_limit_scope: Literal["cluster", "replica"] = "cluster"
 
 
 class ServeSettings(_Settings):
@@ -418,15 +461,44 @@ def check_score_limits(req: ScoreRequest, limits: Limits) -> None:
 
 
 # ------------------------------------------------------------------------------------------- payloads
-def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                       top_k: int, num_beams: int = 1, length_penalty: float = 1.0, seed: int | None = None,
-                       stop: list[str] | None = None, steering: dict, tenant: str = "default",
-                       min_new_tokens: int = 0, messages: list[dict] | None = None) -> dict:
-    """The plain-dict request the ingress sends to the model deployment."""
+def check_openai_limits(req: "_OpenAIFields", limits: Limits, prompts: int) -> None:
+    """``n`` (sampling only, ≤ max_n, prompts × n ≤ max_prompts) and, for completions, ``logprobs``,
+    ``echo``, ``max_tokens`` 0 and token-id prompts."""
+    if req.n > 1 and req.temperature == 0:
+        raise invalid("body.n", "n > 1 needs temperature > 0 (greedy decoding would return n identical choices)")
+    if req.n > limits.max_n:
+        raise invalid("body.n", f"must be ≤ {limits.max_n} (this server's limit)")
+    if prompts * req.n > limits.max_prompts:
+        raise invalid("body.n", f"prompts × n is {prompts * req.n}; the limit is {limits.max_prompts}")
+    if not isinstance(req, CompletionRequest):
+        return
+    if req.logprobs is not None and req.logprobs > limits.max_logprobs:
+        raise invalid("body.logprobs", f"must be ≤ {limits.max_logprobs} (this server's limit)")
+    if req.stream and req.logprobs is not None:
+        raise invalid("body.logprobs", "logprobs are not streamed; set stream to false")
+    if req.stream and req.echo:
+        raise invalid("body.echo", "echo is not streamed; set stream to false")
+    if req.max_tokens == 0 and not req.echo:
+        raise invalid("body.max_tokens", "max_tokens 0 needs echo (it scores the prompt only)")
+    if req.token_ids:
+        for i, ids in enumerate(req.prompt):
+            if len(ids) > limits.max_prompt_tokens:
+                where = "body.prompt" if len(req.prompt) == 1 else f"body.prompt[{i}]"
+                raise invalid(where, f"prompt is {len(ids)} tokens; the limit is {limits.max_prompt_tokens}")
+
+
+def generation_payload(task: str, prompts: list[str] | list[list[int]], *, max_new_tokens: int, temperature: float,
+                       top_p: float, top_k: int, num_beams: int = 1, length_penalty: float = 1.0,
+                       seed: int | None = None, stop: list[str] | None = None, steering: dict,
+                       tenant: str = "default", min_new_tokens: int = 0, messages: list[dict] | None = None,
+                       n: int = 1, logprobs: int | None = None, echo: bool = False,
+                       outside_mask: str = "unmasked") -> dict:
+    """The plain-dict request the ingress sends to the model deployment (``prompts`` as text, or token ids)."""
+    ids = bool(prompts) and isinstance(prompts[0], list)
     out = {
         "task": task,
         "tenant": tenant,
-        "prompts": list(prompts),
+        "prompts": [] if ids else list(prompts),
         "gen": {
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": min_new_tokens,
@@ -443,4 +515,13 @@ def generation_payload(task: str, prompts: list[str], *, max_new_tokens: int, te
     }
     if messages is not None:  # chat: the replica renders them with the chat template
         out["messages"] = messages
+    if ids:
+        out["prompt_ids"] = [list(p) for p in prompts]
+    if n != 1:
+        out["n"] = n
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+        out["outside_mask"] = outside_mask
+    if echo:
+        out["echo"] = True
     return out

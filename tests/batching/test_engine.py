@@ -389,3 +389,78 @@ def test_sampling_follows_the_steered_distribution(world):
     freq = counts.double() / n
     se = (p * (1 - p) / n).sqrt()
     assert bool(((freq - p).abs() <= 4 * se + 1e-9).all()), (freq[p > 0.01], p[p > 0.01])
+
+
+# ------------------------------------------------------------------------------------------ OpenAI options
+@pytest.mark.parametrize("method,mode,outside", [(m, "svdecode", "unmasked") for m in PEFT_METHODS] + [
+    ("lora", "svdecode", "floor"), ("prompt_tuning", "static", "unmasked"), ("ia3", "off", "unmasked")])
+def test_logprobs_of_chosen_tokens_equal_teacher_forcing(world, method, mode, outside):
+    """Every chosen token (EOS included) carries log p̂ of the distribution it was chosen from, equal to the
+    reference scorer's teacher-forced log-prob of the same continuation, plus the top-k of that distribution."""
+    from svd_ray.decoding.scoring import choice_logits, steered_logprobs
+
+    eng, adapters = make_engine(world)
+    a = adapters[method]
+    rng = random.Random(21)
+    busy = [eng.submit(gen_request(adapters["lora2"], rand_prompt(rng, 7), "svdecode", 9)) for _ in range(2)]
+    prompts = [rand_prompt(rng, 5), rand_prompt(rng, 9)]
+    steering = steering_for(mode, mean_delta=a.mean_delta if mode == "static" else None)
+    gen = GenerationConfig(max_new_tokens=12, eos_token_ids=(0,))
+    h = eng.submit(GenerateRequest(a, prompts, gen, steering, logprobs=3, outside_mask=outside))
+    eng.run_until_idle()
+    out = h.result(0)
+    assert all(b.result(0)["results"] for b in busy)
+    dual = DualModel(world[1][method])
+    for prompt, res, recs in zip(prompts, out["results"], out["logprobs"]):
+        chosen = res.token_ids + ([0] if res.finish_reason == "eos" else [])
+        assert [r[0] for r in recs] == chosen and len(chosen) > 0
+        want = score_choice_ids(dual, prompt, [chosen], steering, outside_mask=outside)
+        assert [r[1] for r in recs] == pytest.approx(want.token_logprobs[0], abs=1e-4)
+        cl = choice_logits(dual, prompt, [chosen])
+        logp, _ = steered_logprobs(cl.z_phi[0], cl.z_theta[0], steering, outside)
+        vals, ids = logp.topk(3, -1)
+        for r, v, i in zip(recs, vals.tolist(), ids.tolist()):
+            assert [t for t, _ in r[2]] == i and [x for _, x in r[2]] == pytest.approx(v, abs=1e-4)
+            if outside == "floor" or mode == "off":  # greedy = the best token of the decoding distribution
+                assert r[0] == i[0]
+
+
+def test_copies_sample_with_seed_plus_index_and_count_as_rows(world):
+    eng, adapters = make_engine(world, max_rows=8)
+    rng = random.Random(22)
+    prompts = [rand_prompt(rng, 4), rand_prompt(rng, 6)]
+    gen = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, seed=100, eos_token_ids=(0,))
+    h = eng.submit(GenerateRequest(adapters["ia3"], prompts, gen, steering_for("off"), copies=3))
+    singles = [eng.submit(GenerateRequest(adapters["ia3"], [prompts[k // 3]],
+                                          GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0,
+                                                           seed=100 + k, eos_token_ids=(0,)), steering_for("off")))
+               for k in range(6)]
+    eng.run_until_idle()
+    out = h.result(0)
+    got = [r.token_ids for r in out["results"]]
+    assert got == [s.result(0)["results"][0].token_ids for s in singles]
+    assert len({tuple(g) for g in got}) > 2
+    assert out["usage"]["prompt_tokens"] == 10  # each prompt once
+    with pytest.raises(RequestTooLarge) as e:  # 2 prompts × 3 copies × 2 branches = 12 rows > 8
+        eng.submit(GenerateRequest(adapters["ia3"], prompts, gen, steering_for("svdecode"), copies=3))
+    assert e.value.field == "n"
+
+
+def test_score_top_logprobs_equal_the_reference_distribution(world):
+    from svd_ray.decoding.scoring import choice_logits, steered_logprobs
+
+    eng, adapters = make_engine(world, prefill_chunk=4, score_max_rows=4)
+    rng = random.Random(23)
+    prompt, choices = rand_prompt(rng, 7), [rand_prompt(rng, 9), rand_prompt(rng, 3), rand_prompt(rng, 6)]
+    steering = steering_for("svdecode", mu=1.5)
+    h = eng.submit(ScoreRequest(adapters["p_tuning_v2"], prompt, choices, steering, top_logprobs=4))
+    eng.run_until_idle()
+    got = h.result(0)
+    cl = choice_logits(DualModel(world[1]["p_tuning_v2"]), prompt, choices)
+    logp, _ = steered_logprobs(cl.z_phi, cl.z_theta, steering)
+    vals, ids = logp.topk(4, -1)
+    for c, choice in enumerate(choices):
+        assert len(got.top_logprobs[c]) == len(choice)
+        for j, top in enumerate(got.top_logprobs[c]):
+            assert [t for t, _ in top] == ids[c, j].tolist()
+            assert [v for _, v in top] == pytest.approx(vals[c, j].tolist(), abs=1e-4)

@@ -207,7 +207,7 @@ def test_error_fields_are_named():
         parse_model(GenerateRequest, {"prompt": "x", "max_new_tokens": "7"})
     assert e.value.field == "body.max_new_tokens"
     with pytest.raises(ApiError) as e:
-        parse_model(CompletionRequest, {"model": "t", "prompt": "x", "n": 3})
+        parse_model(CompletionRequest, {"model": "t", "prompt": "x", "n": 0})
     assert e.value.field == "body.n"
     assert field_path(("prompt", "list[str]", 2)) == "body.prompt[2]"
     with pytest.raises(ApiError) as e:

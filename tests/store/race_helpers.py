@@ -261,3 +261,13 @@ MUTANTS = {
     "files_first": _files_first,
     "publish_ignores_tombstone": _publish_ignores_tombstone,
 }
+
+
+def warm_worker(_: int) -> int:
+    """Start a process-pool worker before the timed rounds. It lives here, not in the test module: a spawned
+    worker imports the module of every function it runs, and the test module imports ``conftest`` — in a
+    whole-suite run that name can resolve to another folder's conftest."""
+    import svd_ray.store  # noqa: F401 - import once per worker
+
+    time.sleep(0.3)  # keep this worker busy so that every worker of the pool gets started
+    return 0

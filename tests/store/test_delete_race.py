@@ -18,7 +18,7 @@ import pytest
 from svd_ray.store import ConflictError, open_store
 
 from conftest import StoreFactory
-from race_helpers import TASK, act, check_round, round_jobs, tree_digest
+from race_helpers import TASK, act, check_round, round_jobs, tree_digest, warm_worker
 from store_helpers import make_bundle, make_meta
 
 #: rounds per backend (each round: 2 publishers, 1 deleter, 1 reader on a fresh version). Sized for the
@@ -105,19 +105,12 @@ def test_delete_racing_publish_threads(kind: str, request: pytest.FixtureRequest
     _assert_safe(violations, seen)
 
 
-def _warm(_: int) -> int:
-    import svd_ray.store  # noqa: F401 - import once per worker before the timed rounds
-
-    time.sleep(0.3)  # keep this worker busy so that every worker of the pool gets started
-    return 0
-
-
 @pytest.mark.parametrize("kind", ["file", pytest.param("rgw", marks=[pytest.mark.s3, pytest.mark.integration])])
 def test_delete_racing_publish_processes(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     stores = StoreFactory(kind, request, tmp_path)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(4, mp_context=ctx) as pool:
-        list(pool.map(_warm, range(4)))
+        list(pool.map(warm_worker, range(4)))
         violations, seen = run_rounds(
             pool, uri=stores.uri("race"), endpoint=stores.endpoint, tmp=tmp_path, rounds=PROCESS_ROUNDS[kind],
             seed=31, lead_s=0.25,

@@ -159,7 +159,7 @@ def test_zero_stage_bundle_reproduces_the_trained_adapter(zero_run, tmp_path):
 
 
 def _zero2_cfg(store, run_id):
-    return tiny_config(store, run_id, training={"epochs": 2, "max_steps": 12, "checkpoint_every": 2},
+    return tiny_config(store, run_id, training={"epochs": 3, "max_steps": 24, "checkpoint_every": 4},
                        cluster={"zero_stage": 2, "max_failures": 2})
 
 
@@ -195,15 +195,17 @@ def test_worker_killed_mid_training_resumes_to_the_same_result(ray_session, tmp_
     while not list(run_dir.glob("checkpoint_*/state.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(run_dir.glob("checkpoint_*/state.json")), "no checkpoint was ever reported"
-    time.sleep(random.Random(0).uniform(0.0, 1.5))  # an arbitrary moment after it (seeded: reproducible)
+    # Ray Train registers a reported checkpoint when it next polls the workers (every 2 s); a kill before that
+    # restarts from scratch (also correct, but not what this test is about). Then an arbitrary moment.
+    time.sleep(2.5 + random.Random(0).uniform(0.0, 1.5))
     pids = ray_train_worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
     runner.join(timeout=600)
     out = result["out"]
-    assert out["metrics"]["steps"] == 12
+    assert out["metrics"]["steps"] == 24
     assert out["metrics"]["resumed_from"], "the killed run did not resume from a training checkpoint"
-    assert all(step % 2 == 0 for step in out["metrics"]["resumed_from"])
+    assert all(step % 4 == 0 for step in out["metrics"]["resumed_from"])
 
     # same data order + restored optimizer/RNG state → the same adapter and μ̄ (documented: ≤ 1e-6 relative)
     a, _, _ = _bundle_logits(ref_cfg, "ref-run", tmp_path)

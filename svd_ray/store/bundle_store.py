@@ -308,13 +308,17 @@ class BundleStore:
         except NotFoundError:
             return False
 
-    def _deleted_error(self, task: str, version: str, what: str = "") -> DeletedError:
+    def _tombstone_or_none(self, task: str, version: str):
+        """The version's tombstone record, or None when it cannot be read (its presence still counts)."""
         try:
-            tomb = self.tombstone(task, version)
+            return self.tombstone(task, version)
         except StoreUnavailable:
             raise
         except StoreError:
-            tomb = None
+            return None
+
+    def _deleted_error(self, task: str, version: str, what: str = "") -> DeletedError:
+        tomb = self._tombstone_or_none(task, version)
         when = f" at {tomb.deleted_at}" if tomb else ""
         why = f" (reason: {tomb.reason})" if tomb and tomb.reason else ""
         return DeletedError(
@@ -520,12 +524,7 @@ class BundleStore:
         """:class:`ConflictError` if the version exists or was deleted (names are never reused)."""
         where = self._where(task, version)
         if self._tombstoned(task, version):
-            try:
-                tomb = self.tombstone(task, version)
-            except StoreUnavailable:
-                raise
-            except StoreError:
-                tomb = None
+            tomb = self._tombstone_or_none(task, version)
             when = f" at {tomb.deleted_at}" if tomb else ""
             raise ConflictError(
                 f"{where} was deleted{when} in {self.uri}; version names are never reused, even for identical "

@@ -300,19 +300,7 @@ class Tombstone:
     created_at: str | None = None
 
     def to_bytes(self) -> bytes:
-        return seal(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "kind": "tombstone",
-                "task": self.task,
-                "version": self.version,
-                "deleted_at": self.deleted_at,
-                "reason": self.reason,
-                "manifest_sha256": self.manifest_sha256,
-                "created_at": self.created_at,
-            },
-            "tombstone_sha256",
-        )
+        return seal({"schema_version": SCHEMA_VERSION, "kind": "tombstone", **self.to_dict()}, "tombstone_sha256")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -103,6 +103,10 @@ class ClusterConfig(_Strict):
     """Ray Train + DeepSpeed settings."""
 
     num_workers: int = Field(1, gt=0)
+    # Elastic training: Ray Train may start or restart the worker group with as few as this many workers
+    # (e.g. after losing a node) and grow it back to num_workers when resources return. The optimizer steps
+    # stay the same: num_workers micro-batches per step whatever the live count (svd_ray.training.elastic).
+    min_workers: int | None = Field(None, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 2, 3] = 2
@@ -113,6 +117,12 @@ class ClusterConfig(_Strict):
     def _fp16_needs_gpu(self):
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("cluster.precision fp16 needs use_gpu: DeepSpeed fp16 is not supported on CPU")
+        if self.min_workers is not None:
+            if self.min_workers > self.num_workers:
+                raise ValueError(f"cluster.min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+            if self.zero_stage == 0 and self.precision != "fp32":
+                raise ValueError("cluster.min_workers needs zero_stage 2 or 3, or fp32: a ZeRO-0 16-bit run's "
+                                 "optimizer state cannot move to another number of workers")
         return self
 
 

@@ -9,7 +9,8 @@
   op is compiled and a 1-worker DeepSpeed run follows the local run.
 * Precision: fp32, bf16 (CPU or GPU; fp32 master weights in the optimizer) or fp16 (GPU only; rejected
   on CPU by ``ClusterConfig``, DeepSpeed's fp16 is not supported there).
-* No gradient clipping and one micro-step per optimizer step (the paper's warm-start: batch 1, no tricks).
+* No gradient clipping and one micro-step per optimizer step (the paper's warm-start: batch 1, no tricks),
+  except when an elastic run continues on fewer workers than it started with (gradient accumulation).
 """
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from svd_ray.config import ClusterConfig, TrainingConfig
 ADAMW_DEFAULTS = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 
 
-def deepspeed_config(cluster: ClusterConfig, training: TrainingConfig, world_size: int | None = None) -> dict:
-    """The DeepSpeed config dict for ``deepspeed.initialize``."""
+def deepspeed_config(
+    cluster: ClusterConfig, training: TrainingConfig, world_size: int | None = None, grad_accum: int = 1
+) -> dict:
+    """The DeepSpeed config dict for ``deepspeed.initialize``. ``grad_accum`` > 1 when fewer workers than the
+    run's data-parallel width share its micro-batches (``svd_ray.training.elastic``)."""
     world = world_size if world_size is not None else cluster.num_workers
     if world < 1:
         raise ValueError(f"world_size must be >= 1, got {world}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if cluster.precision == "fp16" and not cluster.use_gpu:
         raise ValueError("cluster.precision fp16 needs use_gpu: DeepSpeed fp16 is not supported on CPU")
     zero: dict = {"stage": cluster.zero_stage}
@@ -44,8 +50,8 @@ def deepspeed_config(cluster: ClusterConfig, training: TrainingConfig, world_siz
         )
     return {
         "train_micro_batch_size_per_gpu": training.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": training.batch_size * world,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": training.batch_size * grad_accum * world,
         "optimizer": {"type": "AdamW", "params": {"lr": training.lr, "torch_adam": True, **ADAMW_DEFAULTS}},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,

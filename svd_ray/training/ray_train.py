@@ -75,6 +75,13 @@ def _check_run_record(cfg: RunConfig) -> None:
         fh.write(json.dumps(record, indent=1, default=str).encode())
 
 
+def worker_count(cluster) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: fixed, or ``(min, max)`` for an elastic run (``cluster.min_workers``)."""
+    if cluster.min_workers is not None and cluster.min_workers < cluster.num_workers:
+        return (cluster.min_workers, cluster.num_workers)
+    return cluster.num_workers
+
+
 def build_trainer(cfg: RunConfig, task_data, *, mode: str = "full", extra: dict | None = None):
     """The ``TorchTrainer`` for ``cfg`` (``mode="calibrate"``: no training, a seeded random adapter)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -101,7 +108,7 @@ def build_trainer(cfg: RunConfig, task_data, *, mode: str = "full", extra: dict 
         train_loop_per_worker,
         train_loop_config=loop_cfg,
         torch_config=TorchConfig(backend=dist_backend(cfg.cluster)),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+        scaling_config=ScalingConfig(num_workers=worker_count(cfg.cluster), use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
             name=cfg.run_id,

@@ -151,7 +151,7 @@ def _quiet_deepspeed() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _init_engine(peft_model, cfg: RunConfig, world_size: int):
+def _init_engine(peft_model, cfg: RunConfig, world_size: int, grad_accum: int = 1):
     import deepspeed
 
     from svd_ray.training.deepspeed_config import deepspeed_config
@@ -161,7 +161,7 @@ def _init_engine(peft_model, cfg: RunConfig, world_size: int):
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=trainable,
-        config=deepspeed_config(cfg.cluster, cfg.training, world_size),
+        config=deepspeed_config(cfg.cluster, cfg.training, world_size, grad_accum),
         dist_init_required=False,
     )
     return engine
@@ -226,6 +226,35 @@ def _publish(cfg: RunConfig, ref, peft_model, acc, split: dict, metrics: dict) -
         existed = True
     return {"task": m.task, "version": m.version, "created_at": m.created_at, "already_published": existed,
             "store": cfg.store}
+
+
+PORTABLE_STATE = "portable_state.safetensors"
+
+
+def _write_portable_state(d: Path, params: dict, moments: dict, opt_step: float | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"param/{k}": v.contiguous() for k, v in params.items()} | {k: v.contiguous() for k, v in moments.items()}
+    save_file(tensors, str(d / PORTABLE_STATE), metadata={"optimizer_step": repr(opt_step)})
+
+
+def _read_portable_state(ckpt_dir: Path, cfg: RunConfig, state: dict, world: int):
+    """(parameter values, AdamW moments, step count) of a checkpoint, for a resume on another worker count."""
+    from safetensors import safe_open
+
+    path = ckpt_dir / PORTABLE_STATE
+    if not path.is_file():
+        raise ValueError(
+            f"checkpoint of run {cfg.run_id} was written by {state.get('world_size')} workers and carries no "
+            f"portable optimizer state (an older checkpoint, or ZeRO-0 with {cfg.cluster.precision}); it can only "
+            f"resume on {state.get('world_size')} workers, this run has {world}"
+        )
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        opt_step = float(fh.metadata()["optimizer_step"])
+    params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    moments = {k: v for k, v in tensors.items() if not k.startswith("param/")}
+    return params, moments, opt_step
 
 
 def _save_adapter_state(d: Path, state: dict) -> None:
@@ -409,53 +438,79 @@ def publish_phase(w: WorkerContext, mode: str, ref, peft_model, acc, metrics: di
 
 def warm_start(w: "WorkerContext", ckpt_dir, state: dict):
     """Phase ``train``: DeepSpeed warm-start from the step in ``state`` (0, or a checkpoint's); checkpoints
-    every ``checkpoint_every`` steps; returns (consolidated adapter state, training metrics)."""
+    every ``checkpoint_every`` steps; returns (consolidated adapter state, training metrics).
+
+    The run's data-parallel width (micro-batches per optimizer step) is fixed when it starts; a resume on a
+    different number of workers keeps it and loads the portable optimizer state (``svd_ray.training.elastic``)."""
     import torch.distributed as dist
 
+    from svd_ray.training.elastic import gather_training_state, micro_batch_plan, micro_batch_seed
+    from svd_ray.training.elastic import restore_training_state, supports_portable_state
     from svd_ray.training.local import planned_steps, prepare_model
 
     cfg, rank, world, report, log0, cpu_group = w.cfg, w.rank, w.world, w.report, w.log0, w.cpu_group
     _quiet_deepspeed()
     tc = cfg.training
     examples = w.loop_cfg["train"]
-    total = planned_steps(len(examples), cfg, world)
+    resuming = ckpt_dir is not None and state["phase"] == PHASE_TRAIN and state["step"] > 0
+    width = int(state.get("width") or state.get("world_size")) if resuming else cfg.cluster.num_workers
+    plan = micro_batch_plan(width, world, rank)
+    total = planned_steps(len(examples), cfg, width)
     peft_model, tokenizer, _ = prepare_model(cfg)  # seeded: the same fresh adapter on every rank
-    engine = _init_engine(peft_model, cfg, world)
+    portable = None
+    if resuming and state.get("world_size") != world:
+        portable = _read_portable_state(ckpt_dir, cfg, state, world)
+        load_adapter_state(peft_model, portable[0])  # before initialize: fp32 master and working copy agree
+    engine = _init_engine(peft_model, cfg, world, plan.gas)
     step = 0
     m = {"steps": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "last_loss": None, "losses": [],
-         "world_size": world, "zero_stage": cfg.cluster.zero_stage, "precision": cfg.cluster.precision,
-         "resumed_from": []}
-    if ckpt_dir is not None and state["phase"] == PHASE_TRAIN and state["step"] > 0:
-        if state.get("world_size") != world:
-            raise ValueError(
-                f"checkpoint of run {cfg.run_id} was written by {state.get('world_size')} workers, this run has "
-                f"{world}: ZeRO optimizer partitions cannot be resharded; use the same cluster.num_workers"
-            )
-        engine.load_checkpoint(str(ckpt_dir / "ds"), tag=DS_TAG, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
-        torch.set_rng_state(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=False))
+         "world_size": world, "width": width, "zero_stage": cfg.cluster.zero_stage, "precision": cfg.cluster.precision,
+         "resumed_from": [], "world_sizes": [world]}
+    if resuming:
+        if portable is None:  # same workers: DeepSpeed's own partitioned checkpoint, bit-exact
+            engine.load_checkpoint(str(ckpt_dir / "ds"), tag=DS_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            restore_training_state(engine, peft_model, *portable)
         step = state["step"]
         m = dict(state["metrics"])
+        if portable is not None:
+            # The ranks' RNG streams (dropout masks) cannot be split or merged over another worker count: from
+            # here on every micro-batch draws from its own seed, a function of (seed, step, micro-batch).
+            m["rng"] = "micro-batch"
+        if m.get("rng") != "micro-batch":
+            torch.set_rng_state(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=False))
         m["resumed_from"] = list(m.get("resumed_from", [])) + [step]
+        m["world_sizes"] = list(m.get("world_sizes", [state.get("world_size")])) + [world]
+        m["world_size"], m["width"] = world, width
+        if world != state.get("world_size"):
+            log0(f"resuming step {step} on {world} worker(s) (checkpointed by {state.get('world_size')}): "
+                 f"{width} micro-batches per step as {plan.gas} accumulation step(s) per worker")
+    portable_ok = supports_portable_state(engine, peft_model)
     engine.train()
     if step == 0:
         log0(f"warm-start: {cfg.model} + {cfg.peft.method}, {len(examples)} examples, {total} steps × "
-             f"{tc.batch_size}×{world} examples, DeepSpeed ZeRO-{cfg.cluster.zero_stage} {cfg.cluster.precision}, "
-             f"lr {tc.lr}, loss on {tc.loss_on} tokens")
+             f"{tc.batch_size}×{width} examples, DeepSpeed ZeRO-{cfg.cluster.zero_stage} {cfg.cluster.precision}, "
+             f"lr {tc.lr}, loss on {tc.loss_on} tokens" + (f", {world} worker(s)" if world != width else ""))
     t0, step0, seconds0 = time.perf_counter(), step, float(m.get("seconds", 0.0))
-    window = torch.zeros(3, dtype=torch.float64)  # Σ loss, steps, tokens since the last log line
+    window = torch.zeros(3, dtype=torch.float64)  # Σ loss, micro-batches, tokens since the last log line
     while step < total:
-        batch = _collate(tokenizer, step_examples(examples, step, batch_size=tc.batch_size, world_size=world,
-                                                  rank=rank, seed=tc.seed), tc.max_length, tc.loss_on)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        engine.backward(loss)
-        engine.step()
+        for j, weight in zip(plan.ids, plan.weights):
+            if m.get("rng") == "micro-batch":
+                torch.manual_seed(micro_batch_seed(tc.seed, step, j))
+            batch = _collate(tokenizer, step_examples(examples, step, batch_size=tc.batch_size, world_size=width,
+                                                      rank=j, seed=tc.seed), tc.max_length, tc.loss_on)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            engine.backward(loss if weight == 1.0 else loss * weight)
+            engine.step()  # an optimizer step only at the accumulation boundary
+            if weight:
+                window += torch.tensor([float(loss.detach()), 1.0, float(batch["attention_mask"].sum())],
+                                       dtype=torch.float64)
         step += 1
-        window += torch.tensor([float(loss.detach()), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
         w.hook("after_step", step=step, rank=rank)
         if step == 1 or step % tc.log_every == 0 or step == total:
-            dist.all_reduce(window, group=cpu_group)  # mean loss over ranks and steps; tokens summed over ranks
+            dist.all_reduce(window, group=cpu_group)  # mean loss over micro-batches and steps; tokens summed
             mean_loss = float(window[0] / window[1])
             m["tokens"] += int(window[2])
             m["losses"].append([step, round(mean_loss, 6)])
@@ -472,13 +527,18 @@ def warm_start(w: "WorkerContext", ckpt_dir, state: dict):
         if step % tc.checkpoint_every == 0 and step < total:
             m["seconds"] = seconds0 + (time.perf_counter() - t0)
 
-            def files(d: Path, _step=step):
+            def files(d: Path, engine=engine, model=peft_model):
                 engine.save_checkpoint(str(d / "ds"), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
                 (d / "rng").mkdir(exist_ok=True)
                 torch.save(torch.get_rng_state(), d / "rng" / f"rank{rank}.pt")
+                if portable_ok:  # collectives: every rank gathers, rank 0 writes
+                    moments, opt_step = gather_training_state(engine, model)
+                    params = consolidated_adapter_state(model)
+                    if rank == 0:
+                        _write_portable_state(d, params, moments, opt_step)
 
             # Window statistics not yet logged are dropped from the loss curve on resume (logging only).
-            report(PHASE_TRAIN, {"step": step, "metrics": dict(m)}, files)
+            report(PHASE_TRAIN, {"step": step, "width": width, "metrics": dict(m)}, files)
     m["seconds"] = round(seconds0 + (time.perf_counter() - t0), 3)
     m["tokens_per_second"] = round(m["tokens"] / m["seconds"], 2) if m["seconds"] else None
     adapter_state = consolidated_adapter_state(peft_model)

@@ -5,6 +5,8 @@
   the same data-parallel update; the published adapter reproduces the engine's logits
 * ZeRO-2: a worker process SIGKILLed from outside mid-training → the run resumes from its checkpoint and ends with the same
   adapter and μ̄ as an uninterrupted run; resubmitting a finished run id returns it without republishing
+* ZeRO-2: a 2-worker run that failed, resubmitted on 1 worker → resumes from its checkpoint (portable
+  optimizer state, gradient accumulation) and ends where the uninterrupted 2-worker run ends
 """
 from __future__ import annotations
 
@@ -223,6 +225,48 @@ def test_worker_killed_mid_training_resumes_to_the_same_result(ray_session, tmp_
     again = run_ray(ref_cfg, log=lambda *_: None)
     assert again["version"] == "ref-run" and again["mu"] == pytest.approx(ref["mu"]["mean"], rel=1e-12)
     assert open_store(ref_cfg.store).list_versions(ref_cfg.task) == ["ref-run"]
+
+
+@pytest.mark.slow  # ~2 min; the default suite's elastic test is test_multinode.py (ZeRO-3, a node lost)
+def test_resume_on_fewer_workers_matches_the_uninterrupted_run(ray_session, tmp_path):
+    """Two workers (ZeRO-2, no dropout) fail at step 10, after the step-8 checkpoint; the same run resubmitted
+    on one worker resumes from step 8 with the portable optimizer state (the run's two micro-batches per step
+    as gradient accumulation) and ends with the uninterrupted two-worker run's adapter and μ̄, up to
+    floating-point summation order."""
+    from training_helpers import FailAtStep
+
+    from svd_ray.store import open_store
+    from svd_ray.training.ray_train import fit
+
+    def cfg_for(run_id, workers, store):
+        return tiny_config(tmp_path / store, run_id, peft={"method": "lora", "dropout": 0.0},
+                           training={"epochs": 3, "max_steps": 24, "checkpoint_every": 4},
+                           cluster={"zero_stage": 2, "num_workers": workers, "max_failures": 0})
+
+    ref_cfg = cfg_for("ref-2w", 2, "ref")
+    ref = fit(ref_cfg, _data(ref_cfg))
+    cfg = cfg_for("shrunk", 2, "shrunk")
+    with pytest.raises(RuntimeError, match="failed"):
+        fit(cfg, _data(cfg), extra={"hooks": FailAtStep(10)})
+    one = cfg_for("shrunk", 1, "shrunk")  # same run id and store: resumes the failed run's checkpoint
+    out = fit(one, _data(one))
+    m = out["metrics"]
+    assert m["resumed_from"] == [8] and m["world_sizes"] == [2, 1], m
+    assert m["steps"] == 24 and m["width"] == 2 and m["world_size"] == 1
+    # the same optimizer steps: logged losses after the resume equal the uninterrupted run's
+    ref_losses = dict(map(tuple, ref["metrics"]["losses"]))
+    for step, loss in m["losses"]:
+        if step > 8:
+            assert loss == pytest.approx(ref_losses[step], rel=1e-4), step
+    a, _, _ = _bundle_logits(ref_cfg, "ref-2w", tmp_path)
+    b, b_path, _ = _bundle_logits(one, "shrunk", tmp_path)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    ref_path = open_store(ref_cfg.store).fetch(ref_cfg.task, "ref-2w", dest_dir=tmp_path / "f-ref")[0]
+    ta, tb = _adapter_tensors(ref_path), _adapter_tensors(b_path)
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-4, atol=1e-5)
+    for name in ("mean", "median", "sequence"):
+        assert out["mu"][name] == pytest.approx(ref["mu"][name], rel=1e-4, abs=1e-6), name
 
 
 def test_resume_refuses_a_changed_config(ray_session, tmp_path):

@@ -103,3 +103,18 @@ def ray_train_worker_pids() -> list[int]:
         if cmd.startswith("ray::RayTrainWorker"):
             pids.append(int(pid))
     return sorted(pids)
+
+
+class FailAtStep:
+    """``after_step`` hook: rank ``rank`` raises at ``step``, after waiting past Ray Train's 2 s poll so the
+    checkpoint reported before it is registered (a failure the run's retries, or a resubmission, resume from)."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def after_step(self, step, rank):
+        if step == self.step and rank == self.rank:
+            import time
+
+            time.sleep(3.0)
+            raise RuntimeError(f"injected failure at step {step} on rank {rank}")

@@ -1,6 +1,5 @@
 """The validated μ̄: per-fold steered NLL sums (checked by brute force), exact merging, and the
 cross-validated decision on toy data where steering provably helps and where it provably cannot."""
-import math
 
 import pytest
 import torch
@@ -83,7 +82,7 @@ def test_where_steering_cannot_help_the_task_falls_back_to_the_plain_adapter():
 
 
 def test_steering_data_serves_the_plain_adapter_when_validation_says_so(tmp_path):
-    from svd_ray.bundle import read_steering, steering_from_accumulator
+    from svd_ray.bundle import steering_from_accumulator
 
     z_phi, z_theta, labels, folds = _toy(60, 6, 30, 0.0, seed=5)
     acc = MuAccumulator(vocab_size=30, validation=MuValidation())

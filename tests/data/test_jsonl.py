@@ -115,7 +115,7 @@ def test_reported_errors_are_capped(tmp_path):
     with pytest.raises(JSONLFormatError) as err:
         load_jsonl_mc(p)
     assert len(err.value.errors) == MAX_REPORTED + 7
-    assert f"... and 7 more" in str(err.value) and str(err.value).count(": invalid JSON") == MAX_REPORTED
+    assert "... and 7 more" in str(err.value) and str(err.value).count(": invalid JSON") == MAX_REPORTED
 
 
 def test_duplicate_choices_merge_when_labels_agree(tmp_path):

@@ -17,6 +17,8 @@ import pytest
 
 from serving_helpers import TASKS, free_port, make_sharp_base, publish_task, write_tenants
 
+from rgw_control import rgw, rgw_bucket, rgw_endpoint  # noqa: F401 - the real S3 server (outage tests)
+
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -1,15 +1,12 @@
 """Fixtures for the task-store tests: bundles, and stores on file://, moto and the real Ceph RGW.
 
-The ``rgw`` backend is found through ``SVD_RAY_S3_ENDPOINT`` (``eval "$(infra/ceph-rgw.sh env)"``). Without it
-the ``s3`` tests skip, unless ``SVD_RAY_REQUIRE_S3=1``, in which case they fail.
+The ``rgw`` backend and its fixtures live in ``tests/rgw_control.py`` (shared with tests/serving).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,7 @@ from store_helpers import make_bundle, make_meta
 
 from svd_ray.store import BundleStore, open_store
 
-RGW_ENV = "SVD_RAY_S3_ENDPOINT"
-REQUIRE_ENV = "SVD_RAY_REQUIRE_S3"
+from rgw_control import make_bucket, rgw, rgw_bucket, rgw_endpoint  # noqa: F401 - fixtures for this folder
 
 
 @pytest.fixture
@@ -61,78 +57,9 @@ def moto_endpoint() -> Iterator[str]:
         server.stop()
 
 
-def _reachable(endpoint: str) -> bool:
-    u = urllib.parse.urlparse(endpoint)
-    try:
-        with socket.create_connection((u.hostname, u.port or 80), timeout=3):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def rgw_endpoint() -> str:
-    """The real Ceph RGW started by ``infra/ceph-rgw.sh start``."""
-    endpoint = os.environ.get(RGW_ENV)
-    required = os.environ.get(REQUIRE_ENV) == "1"
-    if not endpoint:
-        if required:
-            pytest.fail(
-                f"{REQUIRE_ENV}=1 but {RGW_ENV} is not set: start the server with infra/ceph-rgw.sh "
-                'start and eval "$(infra/ceph-rgw.sh env)"',
-                pytrace=False,
-            )
-        pytest.skip(f"{RGW_ENV} not set (start Ceph RGW with infra/ceph-rgw.sh)")
-    if not _reachable(endpoint):
-        pytest.fail(f"{RGW_ENV}={endpoint} is set but nothing answers there", pytrace=False)
-    return endpoint
-
-
-def _client(endpoint: str) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or "testing",
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or "testing",
-        region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=Config(
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"},
-        ),
-    )
-
-
-def _make_bucket(endpoint: str) -> str:
-    bucket = f"svd-ray-test-{secrets.token_hex(4)}"
-    client = _client(endpoint)
-    client.create_bucket(Bucket=bucket)
-    return bucket
-
-
-def _drop_bucket(endpoint: str, bucket: str) -> None:
-    client = _client(endpoint)
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=bucket)
-
-
 @pytest.fixture(scope="session")
 def moto_bucket(moto_endpoint: str) -> str:
-    return _make_bucket(moto_endpoint)
-
-
-@pytest.fixture(scope="session")
-def rgw_bucket(rgw_endpoint: str) -> Iterator[str]:
-    bucket = _make_bucket(rgw_endpoint)
-    yield bucket
-    _drop_bucket(rgw_endpoint, bucket)
+    return make_bucket(moto_endpoint)
 
 
 # -------------------------------------------------------------------------------------------- stores

@@ -12,7 +12,7 @@ import pytest
 
 from svd_ray.store import Manifest, StoreError, open_store, pyarrow_filesystem_for
 
-from conftest import _client
+from rgw_control import s3_client
 from store_helpers import make_bundle, make_meta, publish_in_process, read_tree
 
 
@@ -116,4 +116,4 @@ def test_s3_client_settings(moto_endpoint: str) -> None:
     cfg = store.backend.client.meta.config  # type: ignore[attr-defined]
     assert cfg.request_checksum_calculation == "when_required"
     assert cfg.s3["addressing_style"] == "path"
-    assert _client(moto_endpoint).list_buckets()["Buckets"] is not None
+    assert s3_client(moto_endpoint).list_buckets()["Buckets"] is not None

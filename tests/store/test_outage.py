@@ -13,7 +13,6 @@ import http.server
 import os
 import secrets
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,10 +34,9 @@ from svd_ray.store import (
 from svd_ray.store.backends import LocalBackend, S3Backend
 from svd_ray.store.cli import main as cli_main
 
-from conftest import RGW_ENV
+from rgw_control import RGW
 from store_helpers import make_bundle, make_meta, read_tree
 
-SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "ceph-rgw.sh"
 FAST = S3ClientLimits(connect_timeout=0.5, read_timeout=0.5, max_attempts=2)
 
 
@@ -303,69 +301,6 @@ def test_cli_exit_code_3_when_storage_is_unavailable(capsys: pytest.CaptureFixtu
 
 
 # ------------------------------------------------------------------------------- the real server (RGW)
-
-
-class RGW:
-    """Stops and starts the session's Ceph RGW through infra/ceph-rgw.sh (its own PID bookkeeping)."""
-
-    def __init__(self, state_dir: str, endpoint: str) -> None:
-        self.state_dir = state_dir
-        self.endpoint = endpoint
-
-    def _sh(self, cmd: str, timeout: int) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(SCRIPT), "--dir", self.state_dir, cmd], capture_output=True, text=True, timeout=timeout
-        )
-
-    def up(self) -> bool:
-        return self._sh("status", 30).returncode == 0
-
-    def stop(self) -> None:
-        r = self._sh("stop", 120)
-        assert r.returncode == 0, r.stderr
-        assert not _answers(self.endpoint)
-
-    def start(self) -> None:
-        r = self._sh("start", 240)
-        assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 60
-        while not _answers(self.endpoint):
-            assert time.monotonic() < deadline, "RGW did not come back"
-            time.sleep(0.3)
-
-
-def _answers(endpoint: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(endpoint, timeout=3)
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def rgw(rgw_endpoint: str) -> Iterator[RGW]:
-    """The session's RGW, stopped and started only when its state dir is named explicitly (infra/run-tests.sh
-    exports SVD_RAY_CEPH_DIR for the server it started; a shared default server is never stopped) and it
-    serves this endpoint. Always left running afterwards."""
-    state = os.environ.get("SVD_RAY_CEPH_DIR")
-    if not state:
-        pytest.skip("SVD_RAY_CEPH_DIR is not set: not stopping a server this test session may not own")
-    ports = Path(state) / "ports.env"
-    port = dict(line.split("=", 1) for line in ports.read_text().split()).get("RGW_PORT") if ports.exists() else None
-    if port is None or not rgw_endpoint.endswith(f":{port}"):
-        pytest.skip(f"{RGW_ENV}={rgw_endpoint} is not the RGW of state dir {state}: cannot stop/start it")
-    server = RGW(state, rgw_endpoint)
-    assert server.up()
-    try:
-        yield server
-    finally:
-        if not _answers(rgw_endpoint):
-            server.start()
 
 
 @pytest.mark.s3

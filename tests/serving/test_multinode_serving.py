@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# slow for now: added after the last full CI run of this session (66 s alone); promote to the default suite once CI has run it
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # ~70 s
 
 MAX_FAILED_SHARE = 0.05  # stated bound: at most 5% of requests in the window may fail, each with a JSON 503
 

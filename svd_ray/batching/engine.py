@@ -66,7 +66,7 @@ class EngineConfig:
     """Budgets of one engine (one base model in one replica). Defaults fit SmolLM2-135M on 2 CPU cores."""
 
     max_rows: int = 32  # rows decoded together (a steered sequence takes 2, a beam 1 per beam and branch)
-    max_kv_tokens: int = 65536  # KV cache entries reserved by admitted work (≈ 1.4 GB for SmolLM2 fp32)
+    max_kv_tokens: int = 65536  # KV cache entries reserved by admitted work (≈ 3.0 GB for SmolLM2 fp32: docs/SERVING.md §4)
     prefill_chunk: int = 64  # at most this many tokens per row in one prefill / scoring forward
     step_token_budget: int = 32  # prefill / scoring positions (rows × tokens) between two decode steps
     score_max_rows: int = 8  # rows per scoring forward (a choice takes 2)
@@ -197,6 +197,8 @@ class Engine:
         """Run ``fn`` between two forwards (on the engine thread when it runs) and return its value."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
+        if self._stopping or not self._thread.is_alive():  # nobody would ever run it
+            raise EngineStopped("the model replica is shutting down; retry the request")
         fut: Future = Future()
         self._calls.append((fn, fut))
         self.wake()
@@ -699,6 +701,11 @@ class Engine:
         h.finished.set()
 
     def _fail_all(self, error: EngineError) -> None:
+        if self._stopping:  # calls queued for the engine thread that will not run them again
+            while self._calls:
+                _, fut = self._calls.popleft()
+                if not fut.done():
+                    fut.set_exception(EngineStopped("the model replica is shutting down; retry the request"))
         for q in self._queues.values():
             for w in list(q):
                 self._finish(w, error=error)

@@ -464,3 +464,21 @@ def test_score_top_logprobs_equal_the_reference_distribution(world):
         for j, top in enumerate(got.top_logprobs[c]):
             assert [t for t, _ in top] == ids[c, j].tolist()
             assert [v for _, v in top] == pytest.approx(vals[c, j].tolist(), abs=1e-4)
+
+
+def test_a_stopped_engine_refuses_adapter_calls_at_once(world):
+    """Registering or retiring an adapter on a stopped engine fails fast with EngineStopped (it used to
+    wait 120 s for an engine thread that would never run the call)."""
+    import time
+
+    from svd_ray.batching.requests import EngineStopped
+
+    eng, adapters = make_engine(world)
+    eng.start()
+    eng.stop()
+    t = time.monotonic()
+    with pytest.raises(EngineStopped):
+        eng.add_adapter("late", world[1]["lora"])
+    with pytest.raises(EngineStopped):
+        eng.remove_adapter(adapters["lora"])
+    assert time.monotonic() - t < 5

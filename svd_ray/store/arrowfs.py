@@ -37,7 +37,16 @@ def pyarrow_filesystem_for(uri: str, endpoint_url: str | None = None) -> tuple[A
         return None, loc.path
     from pyarrow import fs as pafs
 
-    kwargs: dict[str, Any] = {}
+    from .backends import s3_client_limits
+
+    # The same bounds as the store's boto3 client (SVD_RAY_S3_CONNECT_TIMEOUT / _READ_TIMEOUT / _MAX_ATTEMPTS).
+    # (pyarrow documents request_timeout as applied on Windows and macOS only.)
+    limits = s3_client_limits()
+    kwargs: dict[str, Any] = {
+        "connect_timeout": limits.connect_timeout,
+        "request_timeout": limits.read_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=limits.max_attempts),
+    }
     endpoint = resolve_endpoint(endpoint_url)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint:

@@ -71,6 +71,18 @@ def test_pyarrow_filesystem_for_file(tmp_path: Path) -> None:
     assert fs is None and path == f"{tmp_path}/runs"
 
 
+def test_pyarrow_filesystem_uses_the_store_client_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's checkpoint filesystem is bounded like the store's own client (same env settings)."""
+    monkeypatch.setenv("SVD_RAY_S3_CONNECT_TIMEOUT", "2.5")
+    monkeypatch.setenv("SVD_RAY_S3_READ_TIMEOUT", "7")
+    fs, _ = pyarrow_filesystem_for("s3://b/p", endpoint_url="http://127.0.0.1:9")
+    args = fs.__reduce__()[1][0]  # the constructor arguments pyarrow would pickle
+    assert args["connect_timeout"] == 2.5 and args["request_timeout"] == 7.0
+    monkeypatch.setenv("SVD_RAY_S3_MAX_ATTEMPTS", "0")
+    with pytest.raises(StoreError, match="SVD_RAY_S3_MAX_ATTEMPTS"):
+        pyarrow_filesystem_for("s3://b/p", endpoint_url="http://127.0.0.1:9")
+
+
 def test_pyarrow_filesystem_for_moto(moto_endpoint: str, moto_bucket: str, tmp_path: Path) -> None:
     _pyarrow_round_trip(f"s3://{moto_bucket}/pa-{secrets.token_hex(3)}", moto_endpoint, tmp_path)
 

@@ -392,8 +392,8 @@ def test_serve_config_typo_fails(serve_validator, path, typo):
 
 
 def test_serve_config_matches_serve_configs_cluster_yaml():
-    """serveConfigV2 = serve_configs/cluster.yaml (same http options, import path, args, deployments), except
-    that runtime_env leaves SVD_RAY_S3_ENDPOINT to the pods."""
+    """serveConfigV2 = serve_configs/cluster.yaml (same http options, import path, args, deployments); neither
+    runtime_env sets SVD_RAY_S3_ENDPOINT (it would override the nodes' endpoint for serving only)."""
     ours = serve_config(the("RayService", "svd-ray"))
     ref = yaml.safe_load(SERVE_CLUSTER_YAML.read_text())
     for key in ("proxy_location", "http_options"):
@@ -402,12 +402,11 @@ def test_serve_config_matches_serve_configs_cluster_yaml():
     for mine, theirs in zip(ours["applications"], ref["applications"]):
         for key in ("route_prefix", "import_path", "args", "deployments"):
             assert mine.get(key) == theirs.get(key), f"applications[{mine['name']}].{key} differs from {SERVE_CLUSTER_YAML}"
-        # runtime_env: cluster.yaml's variables except SVD_RAY_S3_ENDPOINT ("" there = AWS would override the
-        # pods' endpoint); extra variables are allowed (docs/CLUSTER.md: bumping one makes Serve rebuild the app)
+        # runtime_env: cluster.yaml's variables; extra ones are allowed (docs/CLUSTER.md: bumping one makes Serve
+        # rebuild the app)
         env_mine = (mine.get("runtime_env") or {}).get("env_vars") or {}
         env_ref = dict((theirs.get("runtime_env") or {}).get("env_vars") or {})
-        env_ref.pop("SVD_RAY_S3_ENDPOINT", None)
-        assert "SVD_RAY_S3_ENDPOINT" not in env_mine
+        assert "SVD_RAY_S3_ENDPOINT" not in env_mine and "SVD_RAY_S3_ENDPOINT" not in env_ref
         assert {k: env_mine.get(k) for k in env_ref} == env_ref
         assert set(mine.get("runtime_env") or {}) <= {"env_vars"}
 

@@ -108,6 +108,11 @@ def load_serve_config(path: str | Path, *, host=None, port=None, store=None, ten
     except ValidationError as exc:
         e = exc.errors()[0]
         raise ValueError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    from svd_ray.serving.config_check import serve_config_problems
+
+    problems = serve_config_problems(raw)  # Serve ignores unknown keys: a typo would deploy the default
+    if problems:
+        raise ValueError(f"{p}: {problems[0]}")
     return raw
 
 

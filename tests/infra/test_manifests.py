@@ -93,25 +93,6 @@ K8sValidator = jsonschema.validators.extend(jsonschema.Draft7Validator,
                                             {"x-kubernetes-list-map-keys": _list_map_keys})
 
 
-def strict_pydantic_schema(node):
-    """A pydantic model's JSON schema in which unknown keys are errors: every model (an object schema with
-    ``properties``) gets ``additionalProperties: false``, and where a field accepts "a dict or the model"
-    (``anyOf: [free-form object, $ref model, ...]``) the free-form branch is dropped (the dict is only the
-    untyped spelling of the same model). Free-form dicts (args, runtime_env, user_config, ...) stay open."""
-    if isinstance(node, list):
-        return [strict_pydantic_schema(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: strict_pydantic_schema(v) for k, v in node.items()}
-    if "properties" in out:
-        out["additionalProperties"] = False
-    for key in ("anyOf", "oneOf"):
-        branches = out.get(key)
-        if isinstance(branches, list) and any("$ref" in b or "properties" in b for b in branches):
-            out[key] = [b for b in branches if not (b.get("type") == "object" and "properties" not in b)]
-    return out
-
-
 def error_lines(validator, instance) -> list[str]:
     """One line per error: where, and what. For anyOf/oneOf, the branches' own complaints (those other than
     "not of type X" when there are any: e.g. a misspelled key inside the branch that has the right type)."""
@@ -343,10 +324,9 @@ def test_strict_schema_keeps_maps_and_int_or_string(kuberay_schemas):
 
 @pytest.fixture(scope="module")
 def serve_validator():
-    from ray.serve.schema import ServeDeploySchema
+    from svd_ray.serving.config_check import serve_config_validator  # what `svd-ray serve` checks too
 
-    schema = strict_pydantic_schema(ServeDeploySchema.model_json_schema())
-    return jsonschema.Draft202012Validator(schema)
+    return serve_config_validator()
 
 
 def check_serve_config(cfg: dict, validator) -> list[str]:

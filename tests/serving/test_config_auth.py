@@ -98,6 +98,32 @@ def test_config_overrides_and_errors(tmp_path):
         load_serve_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("where,typo", [
+    (("applications", 0, "deployments", 0), "max_ongoing_request"),
+    (("applications", 0, "deployments", 0, "autoscaling_config"), "min_replica"),
+    (("applications", 0, "deployments", 0, "ray_actor_options"), "num_cpu"),
+    (("http_options",), "prt"),
+    ((), "proxy_locaton"),
+])
+def test_serve_config_typos_are_named_not_ignored(tmp_path, where, typo):
+    """Ray's own schema ignores unknown keys (a misspelled setting would deploy its default); `svd-ray serve`
+    refuses the config and names the key and where it is."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from svd_ray.serving.cli import load_serve_config
+
+    raw = yaml.safe_load((REPO / "serve_configs" / "cluster.yaml").read_text())
+    node = raw
+    for k in where:
+        node = node[k]
+    node[typo] = 1
+    ServeDeploySchema.model_validate(raw)  # what Serve itself accepts
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=f"'{typo}' was unexpected"):
+        load_serve_config(bad)
+
+
 def test_parse_bytes():
     assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(1000) == 1000

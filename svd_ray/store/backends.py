@@ -145,7 +145,14 @@ class LocalBackend(Backend):
         the name exists). Retries when a concurrent delete pruned the (empty) parent directory."""
         dest = self._path(key)
         for attempt in range(5):
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except (FileNotFoundError, FileExistsError):
+                # A concurrent delete pruned a directory while mkdir was creating the chain: pathlib then
+                # reports "File exists" (made, then gone before its is_dir check) or "No such file".
+                if attempt == 4:
+                    raise
+                continue
             try:
                 if not exclusive:
                     os.replace(tmp, dest)

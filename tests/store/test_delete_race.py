@@ -146,3 +146,31 @@ def test_republish_after_delete_refused_whatever_the_client(stores: StoreFactory
         a.publish(TASK, make_bundle(tmp_path / "y", seed="y"), make_meta(), version="v")
     assert a.list_versions(TASK) == [] and b.deleted_versions(TASK)[0].version == "v"
 
+
+
+@pytest.mark.parametrize("error", [FileExistsError, FileNotFoundError])
+def test_local_upload_survives_a_directory_pruned_while_it_is_created(
+    error: type[OSError], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete prunes empty directories; if that happens while a publish's mkdir is creating the same chain,
+    pathlib raises "File exists" (made, then gone before its check) or "No such file". The upload retries
+    instead of failing the publish with a generic StoreError (seen once in the thread race on file://)."""
+    import pathlib
+
+    from svd_ray.store.backends import LocalBackend
+
+    real_mkdir = pathlib.Path.mkdir
+    raised: list[Path] = []
+
+    def flaky_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "v1" and not raised:
+            raised.append(self)
+            raise error(17 if error is FileExistsError else 2, "simulated prune", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"payload")
+    backend = LocalBackend(tmp_path / "store")
+    monkeypatch.setattr(pathlib.Path, "mkdir", flaky_mkdir)
+    backend.upload_file("tasks/t/v1/data-x/f.txt", src)
+    assert raised and backend.read_bytes("tasks/t/v1/data-x/f.txt") == b"payload"

@@ -31,7 +31,7 @@ demo: setup
 
 # (2) the default test suite, with a real S3 server (Ceph RGW) started and stopped around it
 test: setup
-	bash infra/run-tests.sh $(PY) -m "not slow"
+	bash infra/run-tests.sh $(PY) -m "not slow" --durations=25
 
 # everything, including slow tests
 test-all: setup

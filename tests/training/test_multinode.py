@@ -21,6 +21,7 @@ def _run(tmp_path, mode: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow  # ~2.5 min; the default suite's node-loss test is the elastic one below (also verifies the bundle)
 def test_node_killed_mid_training_resumes_on_a_replacement_node(tmp_path):
     r = _run(tmp_path, "replace")
     assert r["worker_nodes_before"] == 2  # the two workers really ran on two nodes
@@ -34,8 +35,6 @@ def test_node_killed_without_replacement_continues_on_fewer_workers(tmp_path):
     """Elastic (``cluster.min_workers: 1``), ZeRO-3: one of two worker nodes dies and none replaces it; Ray
     Train restarts the group with the one worker left, which resumes from the checkpoint with the portable
     optimizer state and ends where the uninterrupted two-worker run ends (μ̄ and adapter)."""
-    import pytest
-
     r = _run(tmp_path, "elastic")
     assert r["worker_nodes_before"] == 2, r
     assert r["resumed_from"] and all(s % 4 == 0 for s in r["resumed_from"]), r

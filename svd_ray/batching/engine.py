@@ -61,6 +61,9 @@ from svd_ray.steering import form_steered_logits
 log = logging.getLogger("svd_ray.batching")
 
 
+SHUTTING_DOWN = "the model replica is shutting down; retry the request"
+
+
 @dataclass
 class EngineConfig:
     """Budgets of one engine (one base model in one replica). Defaults fit SmolLM2-135M on 2 CPU cores."""
@@ -187,7 +190,7 @@ class Engine:
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._fail_all(EngineStopped("the model replica is shutting down; retry the request"))
+        self._fail_all(EngineStopped(SHUTTING_DOWN))
 
     def wake(self) -> None:
         with self._cv:
@@ -198,7 +201,7 @@ class Engine:
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
         if self._stopping or not self._thread.is_alive():  # nobody would ever run it
-            raise EngineStopped("the model replica is shutting down; retry the request")
+            raise EngineStopped(SHUTTING_DOWN)
         fut: Future = Future()
         self._calls.append((fn, fut))
         self.wake()
@@ -219,7 +222,7 @@ class Engine:
     def submit(self, request: GenerateRequest | ScoreRequest) -> RequestHandle:
         """Queue a request (refused up front, ``RequestTooLarge`` naming the field, if it can never fit)."""
         if self._stopping:
-            raise EngineStopped("the model replica is shutting down; retry the request")
+            raise EngineStopped(SHUTTING_DOWN)
         if request.adapter.slot not in self.bank.entries:
             raise EngineStopped("the task was unloaded; retry the request")
         if isinstance(request, GenerateRequest) and request.gen.num_beams > 1 and (
@@ -705,7 +708,7 @@ class Engine:
             while self._calls:
                 _, fut = self._calls.popleft()
                 if not fut.done():
-                    fut.set_exception(EngineStopped("the model replica is shutting down; retry the request"))
+                    fut.set_exception(error)
         for q in self._queues.values():
             for w in list(q):
                 self._finish(w, error=error)

@@ -131,9 +131,9 @@ def restore_training_state(
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     base = _base_optimizer(engine)
-    values, params = params, _trainable(peft_model)
-    missing = [f"{k}/{n}" for n, _ in params for k in MOMENT_KEYS if f"{k}/{n}" not in moments]
-    missing += [n for n, _ in params if n not in values]
+    trainable = _trainable(peft_model)
+    missing = [f"{k}/{n}" for n, _ in trainable for k in MOMENT_KEYS if f"{k}/{n}" not in moments]
+    missing += [n for n, _ in trainable if n not in params]
     if missing:
         raise ValueError(f"portable optimizer state does not fit the model: missing {missing[:3]}")
     # AdamW creates its state lazily at the first step: create it (zeros) so there is something to fill.
@@ -149,12 +149,11 @@ def restore_training_state(
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 and bf16 map each parameter's fragment onto the state just created
         link()
-    for name, p in params:
-        if _managed(p):
-            safe_set_full_fp32_param(p, values[name].to(torch.float32))
+    for name, p in trainable:
+        if not _managed(p):  # ZeRO-0 fp32: the value is the model's (loaded before initialize), state is whole
+            for key in MOMENT_KEYS:
+                base.state[p][key].copy_(moments[f"{key}/{name}"].view_as(base.state[p][key]))
+            continue
+        safe_set_full_fp32_param(p, params[name].to(torch.float32))
         for key in MOMENT_KEYS:
-            value = moments[f"{key}/{name}"]
-            if _managed(p):
-                safe_set_full_optimizer_state(p, value.to(torch.float32), key)
-            else:
-                base.state[p][key].copy_(value.to(base.state[p][key].device).view_as(base.state[p][key]))
+            safe_set_full_optimizer_state(p, moments[f"{key}/{name}"].to(torch.float32), key)

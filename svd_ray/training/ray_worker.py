@@ -478,14 +478,13 @@ def warm_start(w: "WorkerContext", ckpt_dir, state: dict):
             # The ranks' RNG streams (dropout masks) cannot be split or merged over another worker count: from
             # here on every micro-batch draws from its own seed, a function of (seed, step, micro-batch).
             m["rng"] = "micro-batch"
+            log0(f"resuming step {step} on {world} worker(s) (checkpointed by {state.get('world_size')}): "
+                 f"{width} micro-batches per step as {plan.gas} accumulation step(s) per worker")
         if m.get("rng") != "micro-batch":
             torch.set_rng_state(torch.load(ckpt_dir / "rng" / f"rank{rank}.pt", weights_only=False))
         m["resumed_from"] = list(m.get("resumed_from", [])) + [step]
         m["world_sizes"] = list(m.get("world_sizes", [state.get("world_size")])) + [world]
         m["world_size"], m["width"] = world, width
-        if world != state.get("world_size"):
-            log0(f"resuming step {step} on {world} worker(s) (checkpointed by {state.get('world_size')}): "
-                 f"{width} micro-batches per step as {plan.gas} accumulation step(s) per worker")
     portable_ok = supports_portable_state(engine, peft_model)
     engine.train()
     if step == 0:

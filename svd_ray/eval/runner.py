@@ -57,11 +57,27 @@ def run_config_for(cfg: EvalConfig, family, method: str, model: str | None = Non
     model = model or cfg.model
     slug = re.sub(r"[^a-z0-9]+", "-", family.task.lower()).strip("-")[:24]
     run = _run_config(cfg, family, method, "pending", model)
-    settings = {k: v for k, v in run.model_dump().items() if k not in ("run_id", "task_name", "store")}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(bundle_settings(run), sort_keys=True, default=str).encode()).hexdigest()[:8]
     model_tag = "" if model == cfg.model else "-" + re.sub(r"[^a-z0-9]+", "-", model.lower())[:12]
     prefix = f"{cfg.name}-{slug}-{method.replace('_', '-')}{model_tag}"[: 63 - 9].rstrip("-.")
     return run.model_copy(update={"run_id": f"{prefix}-{digest}"})
+
+
+# Settings that cannot change the trained bundle, left out of its hash so that finished cells (hours of
+# scoring) stay valid when such a setting is added: an elastic run's lower bound changes where its
+# micro-batches run, never the update (num_workers, the run's width, stays in the hash).
+_NOT_IN_BUNDLE_HASH = {"run_id": None, "task_name": None, "store": None, "cluster": {"min_workers"}}
+
+
+def bundle_settings(run: RunConfig) -> dict:
+    """Every setting of ``run`` that changes its trained bundle (the input of the run id's hash)."""
+    out = {}
+    for key, value in run.model_dump().items():
+        drop = _NOT_IN_BUNDLE_HASH.get(key, set())
+        if drop is None:
+            continue
+        out[key] = {k: v for k, v in value.items() if k not in drop} if drop else value
+    return out
 
 
 def _run_config(cfg: EvalConfig, family, method: str, run_id: str, model: str) -> RunConfig:

@@ -129,6 +129,8 @@ def form_steered_logits(
     alpha: float | torch.Tensor,
     mean_delta: torch.Tensor | None = None,
     outside: str = "mask",
+    delta: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ẑ for one steering mode: the single place the steered logits are formed (decoding, scoring, the HF
     logits processor, the batching engine).
@@ -141,6 +143,9 @@ def form_steered_logits(
     m, i.e. p̂ is renormalised over the mask; ``"keep"`` (scoring, the calibration objective) keeps the
     unsteered z_φ there. ``mu`` and ``alpha`` may be per-row tensors (shape (..., 1) or (...,)); rows
     are independent. Float32 (float64 for float64 inputs).
+
+    ``delta`` (svdecode: δ(z_φ, z_θ)) and ``mask`` (m at this α) may be passed when already computed for
+    these logits, e.g. when one set of logits is scored under many μ: the result is the same tensor.
     """
     if mode not in STEERING_MODES:
         raise ValueError(f"steering mode must be one of {STEERING_MODES}, got {mode!r}")
@@ -152,12 +157,13 @@ def form_steered_logits(
         return z
     a = _per_row(alpha, z)
     m = _per_row(mu, z)
-    mask = plausibility_mask(z, a)
+    if mask is None:
+        mask = plausibility_mask(z, a)
     if mode == "static":
         if mean_delta is None:
             raise ValueError("static steering needs mean_delta")
         delta = mean_delta.to(device=z.device, dtype=dt)
-    else:
+    elif delta is None:
         if base_logits is None:
             raise ValueError("svdecode steering needs the adapter-off logits")
         delta = steering_vector(z, base_logits)

@@ -53,18 +53,26 @@ def steered_logprobs(
     steering: SteeringConfig,
     outside_mask: str = "unmasked",
     floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+    *,
+    delta: torch.Tensor | None = None,
+    inside: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p̂ over the whole vocabulary (..., V) under the mask policy, and the plausibility mask (None for
     ``off``, which has none). ``unmasked``: log_softmax(z_φ + μ·(δ ⊙ m)); ``floor``: the decoding distribution
-    log_softmax(ẑ) inside the mask and ``floor_logprob`` outside. Always finite."""
+    log_softmax(ẑ) inside the mask and ``floor_logprob`` outside. Always finite.
+
+    ``delta`` / ``inside``: δ(z_φ, z_θ) and the mask at ``steering.alpha``, if already computed for these
+    logits (scoring many variants of one forward pass); the result is the same."""
     if outside_mask not in OUTSIDE_MASK_POLICIES:
         raise ValueError(f"outside_mask must be one of {OUTSIDE_MASK_POLICIES}, got {outside_mask!r}")
     z = z_phi.float()
     if steering.mode == "off":
         return torch.log_softmax(z, -1), None
+    if inside is None:
+        inside = plausibility_mask(z, steering.alpha)
     steered = form_steered_logits(z, z_theta, mode=steering.mode, mu=steering.mu, alpha=steering.alpha,
-                                  mean_delta=steering.mean_delta, outside="mask" if outside_mask == "floor" else "keep")
-    inside = plausibility_mask(z, steering.alpha)
+                                  mean_delta=steering.mean_delta, outside="mask" if outside_mask == "floor" else "keep",
+                                  delta=delta, mask=inside)
     logp = torch.log_softmax(steered, -1)
     if outside_mask == "floor":
         logp = logp.masked_fill(~inside, floor_logprob)
@@ -78,9 +86,12 @@ def steered_token_logprobs(
     steering: SteeringConfig,
     outside_mask: str = "unmasked",
     floor_logprob: float = DEFAULT_FLOOR_LOGPROB,
+    *,
+    delta: torch.Tensor | None = None,
+    inside: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p̂(target) at each position (..., V) → (...), and a bool tensor 'target outside mask'."""
-    logp, inside = steered_logprobs(z_phi, z_theta, steering, outside_mask, floor_logprob)
+    logp, inside = steered_logprobs(z_phi, z_theta, steering, outside_mask, floor_logprob, delta=delta, inside=inside)
     lp = logp.gather(-1, targets[..., None]).squeeze(-1)
     if inside is None:
         return lp, torch.zeros_like(targets, dtype=torch.bool)

@@ -60,7 +60,7 @@ def standard_variants(mu: float, alpha: float, mean_delta: torch.Tensor | None =
     return out
 
 
-def _prompt_groups(items: list[MCItem]) -> list[list[int]]:
+def prompt_groups(items: list[MCItem]) -> list[list[int]]:
     """Indices of ``items`` grouped by prompt, groups in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for n, item in enumerate(items):
@@ -72,6 +72,7 @@ def _variant_sums(cl, variants: list[Variant]) -> dict[str, tuple[list[float], l
     """Every steered variant's per-choice log-likelihood and count of scored tokens outside the mask, from
     one ``ChoiceLogits``. The terms all variants share (δ, the mask at each α) are computed once; each
     variant's log p̂ is the same tensor ``scores_from_logits`` would give it."""
+    z = cl.z_phi.float()
     delta = None
     masks: dict[float, torch.Tensor] = {}
     zero = torch.zeros((), device=cl.tokens.device)
@@ -81,10 +82,10 @@ def _variant_sums(cl, variants: list[Variant]) -> dict[str, tuple[list[float], l
             continue
         st = v.steering
         if st.mode == "svdecode" and delta is None:
-            delta = steering_vector(cl.z_phi.float(), cl.z_theta)
+            delta = steering_vector(z, cl.z_theta)
         if st.alpha not in masks:
-            masks[st.alpha] = plausibility_mask(cl.z_phi.float(), st.alpha)
-        lp, outside = steered_token_logprobs(cl.z_phi, cl.z_theta, cl.tokens, st, v.outside_mask,
+            masks[st.alpha] = plausibility_mask(z, st.alpha)
+        lp, outside = steered_token_logprobs(z, cl.z_theta, cl.tokens, st, v.outside_mask,
                                              delta=delta if st.mode == "svdecode" else None, inside=masks[st.alpha])
         out[v.name] = (torch.where(cl.valid, lp, zero).sum(-1).tolist(), (outside & cl.valid).sum(-1).tolist())
     return out
@@ -103,7 +104,7 @@ def score_items(
     """
     rows: list[dict | None] = [None] * len(items)
     done = 0
-    for group in _prompt_groups(items):
+    for group in prompt_groups(items):
         prompt = items[group[0]].prompt
         union = list(dict.fromkeys(c for n in group for c in items[n].choices))
         prompt_ids, choice_ids = encode_choices(tokenizer, prompt, union)

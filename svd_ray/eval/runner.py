@@ -240,10 +240,9 @@ def score_distributed(cfg: EvalConfig, bundle: dict | str, data, log, model: str
     todo = [i for i in data.eval_mc if (i.source, i.id) not in done_rows]
     # items with one prompt (TruthfulQA's MC1 and MC2 of a question) side by side, so a chunk scores them in
     # one pass (score_items); rows are put back in data order at the end
-    first = {}
-    for n, item in enumerate(todo):
-        first.setdefault(item.prompt, n)
-    todo.sort(key=lambda item: first[item.prompt])
+    from svd_ray.eval.mc_eval import prompt_groups
+
+    todo = [todo[n] for group in prompt_groups(todo) for n in group]
     gen_todo = [g for g in gen_items if not all((g.id, m) in done_gens for m in ("off", "svdecode"))]
     rows = [r for r in done_rows.values()]
     gens = [g for k, g in done_gens.items() if k[0] not in {x.id for x in gen_todo}]

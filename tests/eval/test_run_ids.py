@@ -12,16 +12,16 @@ REPRO = "jobs/configs/reproduction.yaml"
 def _first_run(overrides: dict | None = None):
     cfg = EvalConfig.from_yaml(REPRO, overrides or {})
     family, model, method = cells(cfg)[0]
-    return cfg, family, run_config_for(cfg, family, method, model)
+    return cfg, run_config_for(cfg, family, method, model)
 
 
 def test_run_id_ignores_the_elastic_lower_bound_but_not_the_width_or_training():
-    cfg, _, run = _first_run()
+    cfg, run = _first_run()
     elastic = run.model_copy(update={"cluster": run.cluster.model_copy(update={"num_workers": 2, "min_workers": 1})})
     wider = run.model_copy(update={"cluster": run.cluster.model_copy(update={"num_workers": 2})})
     assert bundle_settings(elastic) == bundle_settings(wider)
     assert bundle_settings(wider) != bundle_settings(run)  # the run's width changes summation order
-    _, _, other_lr = _first_run({"training": {**cfg.training.model_dump(), "lr": 1e-4}})
+    _, other_lr = _first_run({"training": {**cfg.training.model_dump(), "lr": 1e-4}})
     assert other_lr.run_id != run.run_id
     assert run.run_id.startswith("repro-truthfulqa-lora-")
 

@@ -91,6 +91,11 @@ def _variant_sums(cl, variants: list[Variant]) -> dict[str, tuple[list[float], l
     return out
 
 
+def pick_from(indices: list[int]):
+    """values → [values[k] for k in indices]: one item's choices out of its prompt group's union."""
+    return lambda values: [values[k] for k in indices]
+
+
 @torch.inference_mode()
 def score_items(
     dual, tokenizer, items: list[MCItem], variants: list[Variant], progress=None, prefix: SharedPrefix | None = None
@@ -116,10 +121,7 @@ def score_items(
         for n in group:
             item = items[n]
             pick = [at[c] for c in item.choices]
-
-            def sel(values: list) -> list:
-                return [values[k] for k in pick]
-
+            sel = pick_from(pick)
             row = {"id": item.id, "source": item.source, "labels": list(item.labels), "choices": list(item.choices),
                    "base": sel(plain.base), "peft": sel(plain.adapter), "num_tokens": sel(plain.num_tokens)}
             for v in variants:

@@ -119,7 +119,7 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
     """Return (bundle version, training info)."""
     from svd_ray.store import open_store
     from svd_ray.training.local import calibrate_local, prepare_model, train_local
-    from svd_ray.training.lr_search import resolve_lr
+    from svd_ray.training.lr_search import final_calibration_loss, resolve_lr, train_with_fallback
     from svd_ray.training.publish import publish_bundle
 
     store = open_store(run.store)
@@ -129,10 +129,16 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
             log(f"  reusing bundle {run.task}@{version} (identical run config)")
             return version, store.manifest(run.task, version).meta.get("metrics", {})
     t0 = time.perf_counter()
-    trained_run, lr_search = resolve_lr(run, data.train, data.calibration, log=log)
-    peft_model, tokenizer, ref = prepare_model(trained_run)
-    train = train_local(peft_model, tokenizer, data.train, trained_run, log=lambda s: log("  " + s))
-    acc = calibrate_local(peft_model, tokenizer, data.calibration, trained_run)
+    searched_run, lr_search = resolve_lr(run, data.train, data.calibration, log=log)
+
+    def attempt(r: RunConfig, _bound, _record):
+        peft_model, tokenizer, ref = prepare_model(r)
+        train = train_local(peft_model, tokenizer, data.train, r, log=lambda s: log("  " + s))
+        acc = calibrate_local(peft_model, tokenizer, data.calibration, r)
+        return (peft_model, ref, train, acc), final_calibration_loss(acc)
+
+    trained_run, (peft_model, ref, train, acc), lr_search = train_with_fallback(searched_run, lr_search, attempt,
+                                                                                 log=log)
     info = {"train": train.to_dict(), "calibration_tokens": acc.count, "seconds": round(time.perf_counter() - t0, 1),
             "lr": trained_run.training.lr}
     if lr_search is not None:

@@ -185,10 +185,16 @@ def run_ray(cfg: RunConfig, log=print, *, address: str | None = None, task_data=
 
         resolve_model(cfg.model)
     _ensure_ray(address)
-    from svd_ray.training.lr_search import resolve_lr
+    from svd_ray.training.lr_search import final_calibration_loss, resolve_lr, train_with_fallback
 
     cfg, lr_search = resolve_lr(cfg, data.train, data.calibration, log=log)  # Tune trials on this cluster
-    out = fit(cfg, data, extra={"lr_search": lr_search} if lr_search else None)
+
+    def attempt(run: RunConfig, bound, record):
+        # the workers check the bound themselves, so a rejected adapter is never published
+        result = fit(run, data, extra={"lr_search": record, "max_final_loss": bound} if record else None)
+        return result, final_calibration_loss(result["accumulator"])
+
+    cfg, out, lr_search = train_with_fallback(cfg, lr_search, attempt, log=log)
     acc = out["accumulator"]
     steering = steering_from_accumulator(acc, cfg.calibration.alpha, cfg.calibration.estimator, cfg.calibration.trim)
     pub = out.get("published") or {}

@@ -430,6 +430,16 @@ def publish_phase(w: WorkerContext, mode: str, ref, peft_model, acc, metrics: di
     all_metrics = {"train": metrics, "calibration": cal_metrics}
     if w.loop_cfg.get("lr_search"):
         all_metrics["lr_search"] = w.loop_cfg["lr_search"]
+    if w.loop_cfg.get("max_final_loss") is not None:  # the driver falls back to the next lr (lr_search.py)
+        from svd_ray.training.lr_search import check_final, final_calibration_loss
+
+        check = check_final(w.cfg.training.lr, final_calibration_loss(acc), w.loop_cfg["max_final_loss"])
+        if not check["accepted"]:
+            w.log0(f"not publishing: {check['reason']}")
+            return None
+        search = all_metrics["lr_search"]
+        all_metrics["lr_search"] = {**search, "chosen": w.cfg.training.lr,
+                                    "final_checks": [*search.get("final_checks", []), check]}
     published = _publish(w.cfg, ref, peft_model, acc, w.loop_cfg["split"], all_metrics)
     w.log0(("already published " if published["already_published"] else "published ")
            + f"{published['task']}@{published['version']} to {w.cfg.store}")

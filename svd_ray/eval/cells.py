@@ -5,6 +5,7 @@ A long reproduction (hours on 2 cores) must survive interruptions. Each cell kee
 
     cell.json     the trained bundle's identity (version, content digest) and its μ̄/training record
     rows.jsonl    one scored multiple-choice item per line, appended chunk by chunk (flushed + fsynced)
+    lr_search.json  the warm-start lr search's record (when the run searches one), saved before training
     gens.jsonl    one generation per line (TruthfulQA generation)
 
 The directory name is the run id (which ends in a hash of every setting that changes the trained bundle)
@@ -52,6 +53,7 @@ class CellCache:
         self.dir = Path(root) / f"{run_id}-{scoring_key(settings)}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta_path, self.rows_path, self.gens_path = (self.dir / n for n in ("cell.json", "rows.jsonl", "gens.jsonl"))
+        self.lr_search_path = self.dir / "lr_search.json"
 
     # ---------------------------------------------------------------- the trained bundle's record
     def meta(self) -> dict | None:
@@ -71,6 +73,21 @@ class CellCache:
         tmp = self.meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
         os.replace(tmp, self.meta_path)
+
+    # ---------------------------------------------------------------- the warm-start lr search
+    def lr_search(self, search_config: dict) -> dict | None:
+        """The search record saved for exactly this search config, or None (so an interrupted cell does not
+        repeat its Ray Tune trials: the trials are deterministic, and slow on a big model)."""
+        try:
+            saved = json.loads(self.lr_search_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return saved["record"] if saved.get("config") == search_config else None
+
+    def save_lr_search(self, search_config: dict, record: dict) -> None:
+        tmp = self.lr_search_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": search_config, "record": record}, indent=1, sort_keys=True))
+        os.replace(tmp, self.lr_search_path)
 
     # ---------------------------------------------------------------- rows
     def rows(self) -> dict[tuple, dict]:

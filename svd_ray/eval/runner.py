@@ -115,11 +115,26 @@ def _find_identical_bundle(store, run: RunConfig) -> str | None:
     return None
 
 
-def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dict]:
+def searched_lr(run: RunConfig, data, log, cache=None) -> tuple[RunConfig, dict | None]:
+    """``resolve_lr``, reusing the search this cell already ran for the same search config."""
+    from svd_ray.training.lr_search import resolve_lr
+
+    search = run.training.lr_search
+    saved = cache.lr_search(search.model_dump()) if cache is not None and search is not None else None
+    if saved is not None:
+        log(f"  reusing the cell's lr search (lr {saved['chosen']:g}; {len(saved['trials'])} trials on disk)")
+        return run.model_copy(update={"training": run.training.model_copy(update={"lr": saved["chosen"]})}), saved
+    searched, record = resolve_lr(run, data.train, data.calibration, log=log)
+    if cache is not None and record is not None:
+        cache.save_lr_search(search.model_dump(), record)
+    return searched, record
+
+
+def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log, cache=None) -> tuple[str, dict]:
     """Return (bundle version, training info)."""
     from svd_ray.store import open_store
     from svd_ray.training.local import calibrate_local, prepare_model, train_local
-    from svd_ray.training.lr_search import final_calibration_loss, resolve_lr, train_with_fallback
+    from svd_ray.training.lr_search import final_calibration_loss, train_with_fallback
     from svd_ray.training.publish import publish_bundle
 
     store = open_store(run.store)
@@ -129,7 +144,7 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log) -> tuple[str, dic
             log(f"  reusing bundle {run.task}@{version} (identical run config)")
             return version, store.manifest(run.task, version).meta.get("metrics", {})
     t0 = time.perf_counter()
-    searched_run, lr_search = resolve_lr(run, data.train, data.calibration, log=log)
+    searched_run, lr_search = searched_lr(run, data, log, cache)
 
     def attempt(r: RunConfig, _bound, _record):
         peft_model, tokenizer, ref = prepare_model(r)
@@ -474,7 +489,7 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
         else:
             had_meta = cache.meta() is not None
             t_train = time.perf_counter()
-            version, train_info = train_or_reuse(cfg, run, data, log)
+            version, train_info = train_or_reuse(cfg, run, data, log, cache)
             manifest = open_store(run.store).manifest(run.task, version)
             if not had_meta:
                 eta.train_s += time.perf_counter() - t_train

@@ -148,3 +148,50 @@ def test_interrupted_evaluation_resumes_from_its_cells_and_gives_the_same_table(
     assert third == clean
     assert any("reusing the finished cell" in line for line in logs)
     assert not any("trained + calibrated" in line or "scoring" in line for line in logs), logs
+
+
+@pytest.mark.integration
+def test_a_cell_interrupted_in_training_reuses_its_lr_search(tmp_path, monkeypatch):
+    """The Ray Tune trials are saved in the cell before the warm-start: a run killed while training does not
+    repeat them on restart, and the bundle records the same search."""
+    from svd_ray.training import local
+
+    cfg = EvalConfig.from_yaml(CONFIG, {
+        "methods": ["lora"], "store": (tmp_path / "store").as_uri(), "output_dir": str(tmp_path / "out"),
+        "families": [{"task": "commonsense", "train_size": 4, "calibration_size": 4, "eval_size": 1}],
+        "training": {"max_steps": 2, "lr": 1.0e-3, "max_length": 512, "lr_search": {"lrs": [1e-9, 1e-2], "steps": 1}}})
+    real_train = local.train_local
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill during the warm-start")
+
+    monkeypatch.setattr(local, "train_local", die)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(cfg, log=logs.append)
+    assert any("lr search (Ray Tune)" in line for line in logs)
+    (saved,) = (tmp_path / "out" / "cells").glob("*/lr_search.json")
+    record = json.loads(saved.read_text())["record"]
+
+    monkeypatch.setattr(local, "train_local", real_train)
+    logs.clear()
+    result = run_evaluation(cfg, log=logs.append)
+    assert not any("lr search (Ray Tune)" in line for line in logs), logs
+    assert any("reusing the cell's lr search" in line for line in logs)
+    trained = result["runs"]["commonsense"]["lora"]["training"]
+    assert trained["lr_search"]["trials"] == record["trials"]
+    check = trained["lr_search"]["final_checks"][-1]
+    assert check["accepted"] and check["lr"] == trained["lr"] == trained["lr_search"]["chosen"]
+
+
+def test_a_saved_lr_search_is_reused_only_for_the_same_search_config(tmp_path):
+    from svd_ray.eval.cells import CellCache
+
+    cache = CellCache(tmp_path, "run", {"k": 1})
+    search = {"lrs": [1e-4, 1e-3], "steps": 48, "cpus_per_trial": 1, "max_concurrent_trials": None}
+    assert cache.lr_search(search) is None
+    cache.save_lr_search(search, {"chosen": 1e-3, "trials": []})
+    assert CellCache(tmp_path, "run", {"k": 1}).lr_search(search) == {"chosen": 1e-3, "trials": []}
+    assert cache.lr_search({**search, "steps": 96}) is None
+    cache.lr_search_path.write_text('{"config": ')  # torn write: searched again, never a crash
+    assert cache.lr_search(search) is None

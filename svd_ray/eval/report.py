@@ -129,9 +129,9 @@ def render_markdown(results: dict, cfg, png_link: str | None = None) -> str:
     for family, runs in results["runs"].items():
         lines += _family_tables(family, runs)
     if any(f.startswith("commonsense") for f in results["runs"]):
-        lines += ["`average` is the macro mean of the per-task accuracies (no CI); `all` pools every item of the seven",
-                  "tasks (equal to the macro mean when the tasks have equal sizes) and carries the CI. HellaSwag is",
-                  "not part of the commonsense table: its labelled data is not available offline.", ""]
+        lines += ["`all` pools every item of the seven tasks and carries the CI; `average`, the macro mean of the",
+                  "per-task accuracies (no CI), is shown only where it differs from `all` (tasks of unequal sizes).",
+                  "HellaSwag is not part of the commonsense table: its labelled data is not available offline.", ""]
     notes = getattr(cfg, "notes_file", None)
     if notes and Path(notes).is_file():
         lines += [Path(notes).read_text().rstrip(), ""]
@@ -226,6 +226,19 @@ def _paper_comparison(results: dict) -> list[str]:
         + _table(header, rows, fixed=len(header))
 
 
+def _repeats_pooled(bench: str, runs: dict) -> bool:
+    """``average/<m>`` (macro mean, no CI) repeats ``all/<m>`` (pooled, with CI) when the tasks have equal
+    sizes: the same number in every row, so the column is dropped."""
+    if not bench.startswith("average/"):
+        return False
+    pooled = "all/" + bench.split("/", 1)[1]
+    try:
+        return all(abs(run["metrics"][bench][v]["mean"] - run["metrics"][pooled][v]["mean"]) < 1e-12
+                   for run in runs.values() for v in run["metrics"][bench])
+    except KeyError:
+        return False
+
+
 def _family_tables(family: str, runs: dict) -> list[str]:
     lines = [f"### {family}", ""]
     sizes = next(iter(runs.values()))["sizes"]
@@ -238,6 +251,7 @@ def _family_tables(family: str, runs: dict) -> list[str]:
                   "on true answers, MC3 = share of true answers above every false one. Paper convention (SVDecode",
                   "App. E.3 wording): paper-MC1 = MC1, paper-MC2 = top mc2 choice is true, paper-MC3 = normalised",
                   "true mass (= standard MC2).", ""]
+    benches = [b for b in benches if not _repeats_pooled(b, runs)]
     short = [b.split("/", 1)[0] + ("" if b.endswith("/acc") else "/" + b.split("/", 1)[1]) for b in benches]
     rows = []
     for name, run in runs.items():

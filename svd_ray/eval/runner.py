@@ -146,11 +146,11 @@ def train_or_reuse(cfg: EvalConfig, run: RunConfig, data, log, cache=None) -> tu
     t0 = time.perf_counter()
     searched_run, lr_search = searched_lr(run, data, log, cache)
 
-    def attempt(r: RunConfig, _bound, _record):
+    def attempt(r: RunConfig, _bound, record):
         peft_model, tokenizer, ref = prepare_model(r)
         train = train_local(peft_model, tokenizer, data.train, r, log=lambda s: log("  " + s))
         acc = calibrate_local(peft_model, tokenizer, data.calibration, r)
-        return (peft_model, ref, train, acc), final_calibration_loss(acc)
+        return (peft_model, ref, train, acc), final_calibration_loss(acc) if record else None
 
     trained_run, (peft_model, ref, train, acc), lr_search = train_with_fallback(searched_run, lr_search, attempt,
                                                                                  log=log)

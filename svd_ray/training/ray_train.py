@@ -192,7 +192,7 @@ def run_ray(cfg: RunConfig, log=print, *, address: str | None = None, task_data=
     def attempt(run: RunConfig, bound, record):
         # the workers check the bound themselves, so a rejected adapter is never published
         result = fit(run, data, extra={"lr_search": record, "max_final_loss": bound} if record else None)
-        return result, final_calibration_loss(result["accumulator"])
+        return result, final_calibration_loss(result["accumulator"]) if record else None
 
     cfg, out, lr_search = train_with_fallback(cfg, lr_search, attempt, log=log)
     acc = out["accumulator"]

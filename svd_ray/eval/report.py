@@ -167,7 +167,48 @@ def _headline(results: dict, png_link: str | None) -> list[str]:
     out += _table(header, rows)
     if png_link is not None:
         out += [f"![Δ against PEFT with 95% CIs]({png_link})", ""]
-    return out
+    return out + _scorecard(results)
+
+
+def scorecard(results: dict) -> dict[str, dict]:
+    """Per variant, over every (cell, main metric) row: how many rows its paired Δ against PEFT puts better
+    or worse beyond the 95% CI, within it, or exactly equal (a bundle that serves the plain adapter), and
+    the rows with the largest and smallest Δ."""
+    card: dict[str, dict] = {}
+    for family, runs in results["runs"].items():
+        for name, run in runs.items():
+            for m in _headline_metric(family, runs):
+                for v in HEADLINE_VARIANTS[1:]:
+                    d = run.get("deltas", {}).get(v, {}).get(m)
+                    if d is None:
+                        continue
+                    c = card.setdefault(v, {"rows": 0, "better": 0, "worse": 0, "within": 0, "identical": 0,
+                                            "best": None, "worst": None})
+                    c["rows"] += 1
+                    if d["mean"] == d["low"] == d["high"] == 0:
+                        c["identical"] += 1
+                    key = {"helps": "better", "hurts": "worse"}.get(_verdict(d), "within")
+                    c[key] += 1
+                    row = (d["mean"], f"{name} {METRIC_LABELS.get(m, m)}", d)
+                    if c["best"] is None or row[0] > c["best"][0]:
+                        c["best"] = row
+                    if c["worst"] is None or row[0] < c["worst"][0]:
+                        c["worst"] = row
+    return card
+
+
+def _scorecard(results: dict) -> list[str]:
+    card = scorecard(results)
+    if not card:
+        return []
+    rows = [[VARIANT_LABELS[v], str(c["rows"]), str(c["better"]), str(c["worse"]), str(c["within"]),
+             str(c["identical"]), f"{c['best'][1]}: {_fmt_delta(c['best'][2])}",
+             f"{c['worst'][1]}: {_fmt_delta(c['worst'][2])}"] for v, c in card.items()]
+    header = ["variant", "rows", "better than PEFT beyond CI", "worse beyond CI", "within CI",
+              "of which identical to PEFT", "largest Δ", "smallest Δ"]
+    return ["Every (cell, main metric) row above, counted by the paired 95% CI of its Δ against PEFT",
+            "(\"identical\": Δ = 0 on every item; for the validated μ̄ that is a bundle serving the plain adapter):", ""] \
+        + _table(header, rows, fixed=len(header))
 
 
 def _verdicts(results: dict) -> list[str]:
@@ -204,25 +245,30 @@ def _verdicts(results: dict) -> list[str]:
 
 
 def _paper_comparison(results: dict) -> list[str]:
-    rows = []
+    def direction(d: dict | None) -> str:
+        if d is None:
+            return "–"
+        return "same (+)" if d["low"] > 0 else ("opposite (−)" if d["high"] < 0 else "no detectable effect")
+
+    rows, families = [], []
     for family, runs in results["runs"].items():
         key = "commonsense" if family.startswith("commonsense") else family
         if key not in PAPER_GAINS:
             continue
+        families.append(f"{family}: {PAPER_GAINS[key]}")
         for name, run in runs.items():
             for m in _headline_metric(family, runs):
-                for v in ("svdecode", "validated"):
-                    d = run["deltas"].get(v, {}).get(m)
-                    if d is None:
-                        continue
-                    direction = "same direction (+)" if d["low"] > 0 else ("opposite (−)" if d["high"] < 0 else "no detectable effect")
-                    rows.append([name, METRIC_LABELS.get(m, m), PAPER_GAINS[key], VARIANT_LABELS[v], _fmt_delta(d), direction])
+                paper, validated = (run["deltas"].get(v, {}).get(m) for v in ("svdecode", "validated"))
+                rows.append([name, METRIC_LABELS.get(m, m), _fmt_delta(paper), direction(paper),
+                             _fmt_delta(validated), direction(validated)])
     if not rows:
         return []
-    header = ["cell", "metric", "paper (Tables 1–2, larger models)", "our variant", "our Δ vs PEFT", "direction vs paper"]
+    header = ["cell", "metric", "Δ paper μ̄ vs PEFT", "direction vs paper", "Δ validated μ̄ vs PEFT",
+              "direction vs paper"]
     return ["## Comparison with the paper", "",
             "The paper (Qwen2.5-1.5B/7B, LLaMA3.1-8B) reports gains of SVDecode over the warm-started adapter for all",
-            "four PEFT methods; the sizes below are its summary (svdecode-method.md §6), our Δ is measured here.", ""] \
+            "four PEFT methods (svdecode-method.md §6): " + "; ".join(families) + ". Direction: \"same\" when our",
+            "paired CI is above 0 (a gain, as in the paper), \"opposite\" when it is below 0.", ""] \
         + _table(header, rows, fixed=len(header))
 
 

@@ -16,3 +16,28 @@ def test_the_macro_average_is_dropped_only_when_it_equals_the_pooled_accuracy_ev
     runs = _runs(0.365, 0.365)
     del runs["lora"]["metrics"]["all/acc"]
     assert not _repeats_pooled("average/acc", runs)  # nothing to repeat
+
+
+def _delta(mean, low, high):
+    return {"mean": mean, "low": low, "high": high}
+
+
+def test_the_scorecard_counts_every_row_once_by_its_paired_ci():
+    from svd_ray.eval.report import scorecard
+
+    def run(paper, validated):
+        return {"metrics": {"all/acc": {}}, "deltas": {"svdecode": {"all/acc": paper}, "validated": {"all/acc": validated}}}
+
+    zero = _delta(0.0, 0.0, 0.0)
+    results = {"runs": {"commonsense": {
+        "lora": run(_delta(0.010, 0.001, 0.019), zero),                 # paper helps; validated fell back
+        "ia3": run(_delta(-0.022, -0.042, -0.002), _delta(0.004, -0.002, 0.010)),  # paper hurts; validated within
+        "prompt_tuning": run(_delta(0.007, -0.001, 0.015), _delta(0.012, 0.002, 0.022)),  # validated helps
+    }}}
+    card = scorecard(results)
+    assert {k: card["svdecode"][k] for k in ("rows", "better", "worse", "within", "identical")} == \
+        {"rows": 3, "better": 1, "worse": 1, "within": 1, "identical": 0}
+    assert {k: card["validated"][k] for k in ("rows", "better", "worse", "within", "identical")} == \
+        {"rows": 3, "better": 1, "worse": 0, "within": 2, "identical": 1}
+    assert card["validated"]["best"][1].startswith("prompt_tuning") and card["svdecode"]["worst"][1].startswith("ia3")
+    assert "mask_only" not in card  # a variant with no rows is not invented

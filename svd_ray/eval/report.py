@@ -313,11 +313,14 @@ def _family_tables(family: str, runs: dict) -> list[str]:
     for name, run in runs.items():
         e, val, tr = run["mu_estimates"], run.get("validation") or {}, run["training"]
         std = (run.get("mu_star") or {}).get("std")
-        lr = tr.get("lr_search", {}).get("chosen", tr.get("lr", "–"))
+        lr = str(tr.get("lr_search", {}).get("chosen", tr.get("lr", "–")))
+        rejected = [f"{c['lr']:g}" for c in tr.get("lr_search", {}).get("final_checks", []) if not c["accepted"]]
+        if rejected:  # full warm-starts that drifted past their trial (lr_search.train_with_fallback)
+            lr += f" ({', '.join(rejected)} rejected)"
         mu_rows.append([name, f"{e['mean']:+.4f}", f"{e['median']:+.4f}", f"{e.get('sequence', float('nan')):+.4f}",
                         f"{e['trimmed_mean']:+.4f}", f"{e['validated']:+.4g}" if "validated" in e else "–",
                         ("steer" if val.get("steer") else f"no ({val.get('fallback', 'off')})") if val else "–",
-                        "–" if std is None else f"{std:.3g}", str(tr.get("calibration_tokens", "–")), str(lr),
+                        "–" if std is None else f"{std:.3g}", str(tr.get("calibration_tokens", "–")), lr,
                         str(tr.get("train", {}).get("steps", "–")), str(tr.get("seconds", "–"))])
     lines += _table(["cell", "μ̄ mean (paper)", "μ̄ median", "μ̄ sequence", "μ̄ trimmed", "μ̄ validated", "steer?",
                      "μ* std", "calibration tokens", "lr", "train steps", "train + calibration s"], mu_rows,

@@ -525,6 +525,19 @@ def _run_evaluation(cfg: EvalConfig, log, command: str | None) -> dict:
     return results
 
 
+def in_plan_order(cfg: EvalConfig, results: dict) -> dict:
+    """``results`` with families and cells in the config's plan order, whatever order they were read in
+    (results.json is written with sorted keys): the report of a run and a report re-rendered from its
+    JSON are the same file."""
+    order = {}
+    for family, model, method in cells(cfg):
+        order.setdefault(family.task, []).append(cell_name(cfg, model, method))
+    runs = results["runs"]
+    ranked = {f: {c: runs[f][c] for c in sorted(runs[f], key=lambda c: (order.get(f, []) + [c]).index(c))}
+              for f in sorted(runs, key=lambda f: (list(order) + [f]).index(f))}
+    return {**results, "runs": ranked}
+
+
 def render_reports(cfg: EvalConfig, results: dict | None = None) -> None:
     """Markdown + PNG from the measured results (read back from output_dir/results.json if not given)."""
     from svd_ray.eval.report import plot_results, render_markdown
@@ -535,6 +548,7 @@ def render_reports(cfg: EvalConfig, results: dict | None = None) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: run the evaluation first")
         results = json.loads(path.read_text())
+    results = in_plan_order(cfg, results)
     png = plot_results(results, out_dir / "results.png")
     targets = [out_dir / "results.md"] + ([Path(cfg.results_md)] if cfg.results_md else [])
     for md_path in targets:  # the image link is relative to each file's own folder

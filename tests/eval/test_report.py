@@ -41,3 +41,17 @@ def test_the_scorecard_counts_every_row_once_by_its_paired_ci():
         {"rows": 3, "better": 1, "worse": 0, "within": 2, "identical": 1}
     assert card["validated"]["best"][1].startswith("prompt_tuning") and card["svdecode"]["worst"][1].startswith("ia3")
     assert "mask_only" not in card  # a variant with no rows is not invented
+
+
+def test_a_report_rendered_from_results_json_keeps_the_plan_order():
+    """results.json is written with sorted keys; re-rendering from it must not reorder the tables."""
+    from svd_ray.eval.config import EvalConfig
+    from svd_ray.eval.runner import in_plan_order
+
+    cfg = EvalConfig.from_yaml("jobs/configs/eval-ci.yaml")  # methods [lora, prompt_tuning]; truthfulqa first
+    read_back = {"seconds": 1.0, "runs": {"commonsense": {"prompt_tuning": 1, "lora": 2},
+                                          "truthfulqa": {"prompt_tuning": 3, "lora": 4}}}
+    ordered = in_plan_order(cfg, read_back)
+    assert [(f, list(c.items())) for f, c in ordered["runs"].items()] == \
+        [("truthfulqa", [("lora", 4), ("prompt_tuning", 3)]), ("commonsense", [("lora", 2), ("prompt_tuning", 1)])]
+    assert ordered["seconds"] == 1.0

@@ -66,6 +66,7 @@ class CellCache:
 
     def bind(self, meta: dict) -> None:
         """Record the bundle these rows are scored with; rows of another bundle are dropped."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         old = self.meta()
         if old is not None and old.get("digest") != meta["digest"]:
             for path in (self.rows_path, self.gens_path):
@@ -85,6 +86,7 @@ class CellCache:
         return saved["record"] if saved.get("config") == search_config else None
 
     def save_lr_search(self, search_config: dict, record: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)  # writes never assume the folder survived a long step
         tmp = self.lr_search_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"config": search_config, "record": record}, indent=1, sort_keys=True))
         os.replace(tmp, self.lr_search_path)
@@ -97,6 +99,7 @@ class CellCache:
         return {(g["id"], g["mode"]): g for g in _read_jsonl(self.gens_path)}
 
     def _append(self, path: Path, records: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         self._heal(path)
         with path.open("a") as f:
             for r in records:

@@ -195,3 +195,13 @@ def test_a_saved_lr_search_is_reused_only_for_the_same_search_config(tmp_path):
     assert cache.lr_search({**search, "steps": 96}) is None
     cache.lr_search_path.write_text('{"config": ')  # torn write: searched again, never a crash
     assert cache.lr_search(search) is None
+    # the empty folder of a cell still training was removed (e.g. by a cleanup before a commit): writes recreate it
+    import shutil
+
+    shutil.rmtree(cache.dir)
+    cache.save_lr_search(search, {"chosen": 1e-3, "trials": []})
+    cache.add_rows([{"source": "boolq", "id": "x"}])
+    assert cache.lr_search(search) == {"chosen": 1e-3, "trials": []} and list(cache.rows()) == [("boolq", "x")]
+    shutil.rmtree(cache.dir)
+    cache.bind({"digest": "d"})
+    assert cache.meta() == {"digest": "d"}

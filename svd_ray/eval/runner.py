@@ -548,7 +548,9 @@ def render_reports(cfg: EvalConfig, results: dict | None = None) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: run the evaluation first")
         results = json.loads(path.read_text())
-    results = in_plan_order(cfg, results)
+    # Render what results.json holds (sorted keys), families and cells put back in plan order: a live run
+    # and a later re-render write the same bytes; metric columns and dicts come out in sorted order.
+    results = in_plan_order(cfg, json.loads(json.dumps(results, sort_keys=True)))
     png = plot_results(results, out_dir / "results.png")
     targets = [out_dir / "results.md"] + ([Path(cfg.results_md)] if cfg.results_md else [])
     for md_path in targets:  # the image link is relative to each file's own folder

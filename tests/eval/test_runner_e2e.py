@@ -40,6 +40,10 @@ def test_eval_subset_end_to_end_and_reproducible(tmp_path):
     assert "## Calibration verdict vs evaluation" in md and "## Comparison with the paper" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["runs"].keys() == {"truthfulqa", "commonsense"}
+    # `svd-ray eval --render-only` re-renders from results.json (sorted keys): the very same file
+    from svd_ray.eval.runner import render_reports
+    render_reports(EvalConfig.from_yaml(CONFIG, {"output_dir": str(out)}))
+    assert (out / "results.md").read_text() == md
 
 
 def test_per_item_scores_pairs_mc1_and_mc2_by_question():

@@ -78,6 +78,30 @@ def grid_nll(z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, mus: torch.T
     return torch.logsumexp(terms, dim=-1) - (z_y + mus[None, :] * d_y)
 
 
+def cross_validate(loss: torch.Tensor, counts: torch.Tensor, grid: list[float]) -> dict:
+    """K-fold choice of μ from per-fold summed losses ``loss[f, g]`` (lower is better) at ``grid[g]``
+    (which holds 0.0) and per-fold counts ``counts[f]`` (tokens, items), over the non-empty folds:
+
+        μ̂_{−f} = grid[argmin_g Σ_{h≠f} loss[h, g]];   r_f = (loss[f, μ = 0] − loss[f, μ̂_{−f}]) / counts[f]
+        gain = mean r_f,   se = std(r_f) / √K   (inf with fewer than 2 folds);   best = argmin_g Σ_f loss[f, g]
+
+    → {"gain", "se", "gains" (r_f), "picks" (μ̂_{−f}), "best" (index into grid)}."""
+    zero = grid.index(0.0)
+    used = [f for f in range(loss.shape[0]) if counts[f] > 0]
+    best = int(torch.argmin(loss.sum(0)))
+    gains, picks = [], []
+    if len(used) >= 2:
+        for f in used:
+            others = [g for g in used if g != f]
+            pick = int(torch.argmin(loss[others].sum(0)))
+            picks.append(grid[pick])
+            gains.append(float(loss[f, zero] - loss[f, pick]) / float(counts[f]))
+    gain = sum(gains) / len(gains) if gains else 0.0
+    se = (math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1)) / math.sqrt(len(gains))
+          if len(gains) >= 2 else math.inf)
+    return {"gain": gain, "se": se, "gains": gains, "picks": picks, "best": best}
+
+
 @dataclass
 class MuValidation:
     """Per-fold sums of the steered NLL on the μ grid, and per-fold token counts."""
@@ -196,22 +220,12 @@ class MuValidation:
         """The cross-validated decision (see the module docstring), JSON-ready."""
         grid = self.grid.tolist() + self.cand_values.tolist()
         nll_all = torch.cat([self.nll, self.cand_nll], dim=1)
-        zero = grid.index(0.0)
-        used = [f for f in range(FOLDS) if self.tokens[f] > 0]
         total = float(self.tokens.sum())
         if total == 0:
             raise ValueError("no calibration tokens were accumulated")
-        best_all = int(torch.argmin(nll_all.sum(0)))
-        gains, picks = [], []
-        if len(used) >= 2:
-            for f in used:
-                others = [g for g in used if g != f]
-                pick = int(torch.argmin(nll_all[others].sum(0)))
-                picks.append(grid[pick])
-                gains.append(float(nll_all[f, zero] - nll_all[f, pick]) / float(self.tokens[f]))
-        mean_gain = sum(gains) / len(gains) if gains else 0.0
-        se = (math.sqrt(sum((g - mean_gain) ** 2 for g in gains) / (len(gains) - 1)) / math.sqrt(len(gains))
-              if len(gains) >= 2 else math.inf)
+        zero = grid.index(0.0)
+        cv = cross_validate(nll_all, self.tokens, grid)
+        best_all, gains, picks, mean_gain, se = cv["best"], cv["gains"], cv["picks"], cv["gain"], cv["se"]
         steer = len(gains) >= 2 and mean_gain > 0 and mean_gain > 2 * se and grid[best_all] != 0.0
         if steer:
             reason = (f"cross-validated steered NLL improves on the plain adapter by {mean_gain:.4g} nats/token "

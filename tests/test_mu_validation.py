@@ -1,6 +1,8 @@
 """The validated μ̄: per-fold steered NLL sums (checked by brute force), exact merging, and the
 cross-validated decision on toy data where steering provably helps and where it provably cannot."""
 
+import math
+
 import pytest
 import torch
 
@@ -220,3 +222,22 @@ def test_support_only_grid_nll_equals_full_softmax(alpha, monkeypatch):
     torch.testing.assert_close(mv.grid_nll(z, delta, y, mus), want, rtol=1e-12, atol=1e-10)
     monkeypatch.setattr(mv, "SUPPORT_DENSE_MAX", 0)
     torch.testing.assert_close(mv.grid_nll(z, delta, y, mus), want, rtol=1e-12, atol=1e-10)
+
+
+def test_cross_validate_by_hand():
+    """Three folds, grid (0, +1, −1): each fold's pick is the argmin of the other two folds' summed loss,
+    its gain is scored on the held-out fold per count; an empty fold is skipped."""
+    from svd_ray.mu_validation import cross_validate
+
+    loss = torch.tensor([[10.0, 8.0, 12.0], [10.0, 11.0, 9.0], [10.0, 7.0, 13.0], [0.0, 0.0, 0.0]])
+    counts = torch.tensor([2.0, 5.0, 4.0, 0.0])
+    cv = cross_validate(loss, counts, [0.0, 1.0, -1.0])
+    # fold 0 held out: others sum to (20, 18, 22) → +1; fold 1: (20, 15, 25) → +1; fold 2: (20, 19, 21) → +1
+    assert cv["picks"] == [1.0, 1.0, 1.0]
+    gains = [(10 - 8) / 2, (10 - 11) / 5, (10 - 7) / 4]
+    assert cv["gains"] == pytest.approx(gains)
+    mean = sum(gains) / 3
+    assert cv["gain"] == pytest.approx(mean)
+    assert cv["se"] == pytest.approx(math.sqrt(sum((g - mean) ** 2 for g in gains) / 2) / math.sqrt(3))
+    assert cv["best"] == 1
+    assert math.isinf(cross_validate(loss[:1], counts[:1], [0.0, 1.0, -1.0])["se"])

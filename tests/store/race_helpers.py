@@ -144,7 +144,7 @@ def round_jobs(
             **common,
             "role": "read",
             "at": t0,
-            "until": t0 + 1.5 * span + 1.5 * publish_s + 0.05,
+            "until": t0 + 1.5 * span + 1.5 * publish_s + 0.05 + (MUTANT_WINDOW_S if mutants else 0.0),
             "scratch": str(tmp / f"reads-{n}"),
             "in_place": in_place,
             "pause": min(publish_s / 20, 0.01),
@@ -238,6 +238,12 @@ def _old_delete(store: BundleStore) -> None:
     store.delete = delete  # type: ignore[method-assign]
 
 
+#: How long the ``files_first`` mutant leaves a manifest without its files. The reader polls that long
+#: past its usual end in mutant rounds, so a window opened late in a round is still read: with 50 ms and
+#: no extension, 80 rounds on a loaded 2-core CI machine once caught nothing.
+MUTANT_WINDOW_S = 0.25
+
+
 def _files_first(store: BundleStore) -> None:
     """Wrong order: the files go first, the tombstone later (readers see a manifest without its files)."""
     real_create = store._create_once_idempotent
@@ -248,7 +254,7 @@ def _files_first(store: BundleStore) -> None:
             m = store._read_manifest(task, version)
             prefix = f"{store._version_prefix(task, version)}{m.data_prefix}/"
             store.backend.delete([o.key for o in store.backend.list_objects(prefix)])
-            time.sleep(0.05)  # a slow backend: the window in which readers can notice
+            time.sleep(MUTANT_WINDOW_S)  # a slow backend: the window in which readers can notice
         return real_create(key, data)
 
     store._create_once_idempotent = create  # type: ignore[method-assign]

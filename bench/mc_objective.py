@@ -75,7 +75,7 @@ def choice_lls(scorer: _Scorer, items_by_question: dict, mus: torch.Tensor, alph
 
 
 def per_question(items_by_question: dict, lls: dict):
-    """(qid, mc1 item, mc2 item, LL tensors (C, G) for each) in question order."""
+    """(qid, {"mc1"/"mc2": (item, its choices' LL (C, G))}) in question order."""
     for qid, items in items_by_question.items():
         by_kind = {it.source.rsplit("_", 1)[-1]: it for it in items}
         yield qid, {k: (it, torch.stack([lls[qid][c] for c in it.choices])) for k, it in by_kind.items()}
@@ -87,10 +87,8 @@ def analyse_cell(cfg: EvalConfig, family, model: str, method: str, log) -> dict:
     if meta is None:
         raise SystemExit(f"cell {cell_name(cfg, model, method)} is not finished: run `make reproduce` first")
     bundle = str(open_store(run.store).fetch(run.task, meta["version"])[0])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     scorer = _Scorer(bundle, model, torch.get_num_threads())
     d = scorer.tm.data
-    names = ["grid"] * len(MU_GRID) + [f"{k} estimate" for k in d.estimates if k != "validated"]
     grid = list(MU_GRID) + [float(v) for k, v in d.estimates.items() if k != "validated"]
     mus = torch.tensor(grid, dtype=torch.float64)
 
@@ -114,7 +112,7 @@ def analyse_cell(cfg: EvalConfig, family, model: str, method: str, log) -> dict:
         for kind, (it, lls) in kinds.items():
             loss[f] += ranking_loss(lls, it.labels, kind)
     cv = cross_validate(loss, counts, grid)
-    steer = cv["gain"] > 0 and cv["gain"] > 2 * cv["se"] and grid[cv["best"]] != 0.0
+    steer = cv["steer"]
     mu_rank = grid[cv["best"]] if steer else 0.0
 
     # held-out evaluation at every μ from the same passes
@@ -143,7 +141,6 @@ def analyse_cell(cfg: EvalConfig, family, model: str, method: str, log) -> dict:
                  "ranking_mu": {k: delta(grid.index(mu_rank), k) for k in scores},
                  "ranking_best_mu_unthresholded": {k: delta(cv["best"], k) for k in scores},
                  "oracle_mu_on_eval": {k: delta(oracle, k) for k in scores}},
-        "grid_kind": names[cv["best"]],
     }
 
 

@@ -84,8 +84,9 @@ def cross_validate(loss: torch.Tensor, counts: torch.Tensor, grid: list[float]) 
 
         μ̂_{−f} = grid[argmin_g Σ_{h≠f} loss[h, g]];   r_f = (loss[f, μ = 0] − loss[f, μ̂_{−f}]) / counts[f]
         gain = mean r_f,   se = std(r_f) / √K   (inf with fewer than 2 folds);   best = argmin_g Σ_f loss[f, g]
+        steer iff K ≥ 2, gain > 0, gain > 2 se and grid[best] ≠ 0   (the held-out gain beats its noise)
 
-    → {"gain", "se", "gains" (r_f), "picks" (μ̂_{−f}), "best" (index into grid)}."""
+    → {"gain", "se", "gains" (r_f), "picks" (μ̂_{−f}), "best" (index into grid), "steer"}."""
     zero = grid.index(0.0)
     used = [f for f in range(loss.shape[0]) if counts[f] > 0]
     best = int(torch.argmin(loss.sum(0)))
@@ -99,7 +100,8 @@ def cross_validate(loss: torch.Tensor, counts: torch.Tensor, grid: list[float]) 
     gain = sum(gains) / len(gains) if gains else 0.0
     se = (math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1)) / math.sqrt(len(gains))
           if len(gains) >= 2 else math.inf)
-    return {"gain": gain, "se": se, "gains": gains, "picks": picks, "best": best}
+    steer = len(gains) >= 2 and gain > 0 and gain > 2 * se and grid[best] != 0.0
+    return {"gain": gain, "se": se, "gains": gains, "picks": picks, "best": best, "steer": steer}
 
 
 @dataclass
@@ -226,7 +228,7 @@ class MuValidation:
         zero = grid.index(0.0)
         cv = cross_validate(nll_all, self.tokens, grid)
         best_all, gains, picks, mean_gain, se = cv["best"], cv["gains"], cv["picks"], cv["gain"], cv["se"]
-        steer = len(gains) >= 2 and mean_gain > 0 and mean_gain > 2 * se and grid[best_all] != 0.0
+        steer = cv["steer"]
         if steer:
             reason = (f"cross-validated steered NLL improves on the plain adapter by {mean_gain:.4g} nats/token "
                       f"(SE {se:.2g}, {len(gains)} folds)")
